@@ -156,7 +156,7 @@ class Match:
 
 @dataclass(frozen=True)
 class Clause:
-    """Matches AND together."""
+    """Matches OR together (e.g. the sources of one ``from`` list)."""
 
     matches: tuple[Match, ...] = ()
 

@@ -1,0 +1,88 @@
+"""``nodeproxy controlplane``: parse the command line and run :func:`controlplane.server.serve`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import trio
+
+from controlplane.ca import CAError
+from controlplane.server import ServerConfig, serve
+from nodeproxy.certs import CertError
+from nodeproxy.telemetry.server import parse_address
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nodeproxy controlplane",
+        description="The mesh control plane: resources → mesh state, discovery and CA.",
+    )
+    p.add_argument("--resources", required=True, type=Path, help="directory of YAML resources")
+    p.add_argument("--state-dir", required=True, type=Path, help="holds the CA (state-dir/ca)")
+    p.add_argument("--tokens", required=True, type=Path, help="YAML mapping token → node name")
+    p.add_argument("--listen", default="0.0.0.0:15012", help="discovery and CA (TLS)")
+    p.add_argument("--admin", default="0.0.0.0:15014", help="metrics and /debug (plain HTTP)")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--cert-ttl", default=86400, type=int, metavar="SECONDS",
+                   help="lifetime of the certificates signed (default 86400)")
+    p.add_argument("--ping-interval", default=15.0, type=float, help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Validate arguments into a ServerConfig; ValueError with a clear message otherwise."""
+    for address in (args.listen, args.admin):
+        parse_address(address)
+    if args.cert_ttl <= 0:
+        raise ValueError("--cert-ttl must be a positive number of seconds")
+    if not args.tokens.is_file():
+        raise ValueError(f"--tokens {args.tokens}: no such file")
+    if not args.resources.is_dir():
+        raise ValueError(f"--resources {args.resources}: no such directory")
+    return ServerConfig(
+        resources=args.resources,
+        state_dir=args.state_dir,
+        tokens=args.tokens,
+        listen=args.listen,
+        admin=args.admin,
+        trust_domain=args.trust_domain,
+        cert_ttl=timedelta(seconds=args.cert_ttl),
+        ping_interval=args.ping_interval,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"nodeproxy controlplane: {e}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_run, config)
+    except KeyboardInterrupt:
+        return 0
+    except (CAError, CertError, OSError) as e:
+        log.error("control plane cannot start: %s", e)
+        return 1
+    return 0
+
+
+async def _run(config: ServerConfig) -> None:
+    await serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

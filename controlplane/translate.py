@@ -1,0 +1,198 @@
+"""Typed resources → :class:`nodeproxy.model.MeshState`. Pure: no IO, deterministic.
+
+Policy mapping (Istio ``AuthorizationPolicy`` → ztunnel-style rules): every Istio rule becomes
+one :class:`model.Rule` with up to two clauses, one for ``from`` and one for ``to``; each
+clause holds one :class:`model.Match` per source (or operation), and those matches OR
+together — sources of a ``from`` list are alternatives, as in Istio. An empty rule
+(``rules: [{}]``) has no clauses and matches everything; a policy without rules matches
+nothing, so an ALLOW policy without rules denies everything it selects, as Istio does.
+
+Istio conditions this mesh cannot enforce (``when``, ``hosts``, ``requestPrincipals``…) fail
+closed, the way ztunnel treats L7 attributes it cannot see: an ALLOW rule carrying one is
+dropped (it allows nothing), a DENY rule carrying one is kept without it (it denies more).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from controlplane import resources as res
+from nodeproxy import model
+
+log = logging.getLogger(__name__)
+
+
+def translate(
+    resources: Iterable[res.Resource],
+    *,
+    version: int = 0,
+    trust_domain: str = model.TRUST_DOMAIN,
+) -> model.MeshState:
+    """Build the mesh state; when two resources share a key the later one wins (logged)."""
+    namespaces: dict[str, res.Namespace] = {}
+    pods: dict[str, res.Pod] = {}
+    services: dict[str, res.Service] = {}
+    policies: dict[str, res.AuthorizationPolicy] = {}
+    tables: dict[type, dict] = {
+        res.Namespace: namespaces,
+        res.Pod: pods,
+        res.Service: services,
+        res.AuthorizationPolicy: policies,
+    }
+    for r in resources:
+        table = tables.get(type(r))
+        if table is None:
+            continue  # Unhandled kinds are someone else's (the lab, HTTPRoutes)
+        if r.key in table:
+            log.warning("duplicate resource %s: the later definition wins", r.key)
+        table[r.key] = r
+
+    state = model.MeshState(version=version)
+    for ns in namespaces.values():
+        state.namespaces[ns.name] = model.Namespace(name=ns.name, labels=dict(ns.labels))
+
+    for pod in pods.values():
+        ns = namespaces.get(f"Namespace/{pod.namespace}")
+        w = _workload(pod, ns.labels if ns else {}, trust_domain)
+        if w.uid in state.workloads:
+            log.warning("duplicate workload uid %s (pod %s): the later one wins", w.uid, pod.key)
+        state.workloads[w.uid] = w
+
+    vips = model.allocate_cluster_ips(
+        (f"{s.namespace}/{s.name}", s.cluster_ip) for s in services.values()
+        if s.cluster_ip != "None"
+    )
+    for svc in services.values():
+        key = f"{svc.namespace}/{svc.name}"
+        endpoints: tuple[str, ...] = ()
+        if svc.selector:
+            endpoints = tuple(
+                sorted(
+                    w.uid
+                    for w in state.workloads.values()
+                    if w.namespace == svc.namespace
+                    and all(w.labels.get(k) == v for k, v in svc.selector.items())
+                )
+            )
+        state.services[key] = model.Service(
+            name=svc.name,
+            namespace=svc.namespace,
+            addresses=(vips[key],) if key in vips else (),
+            ports=tuple(
+                model.ServicePort(
+                    port=p.port, target_port=p.target_port, name=p.name, protocol=p.protocol
+                )
+                for p in svc.ports
+            ),
+            selector=dict(svc.selector),
+            endpoints=endpoints,
+            trust_domain=trust_domain,
+        )
+
+    for pol in policies.values():
+        p = _policy(pol)
+        state.policies[p.key] = p
+    return state
+
+
+def enrolled(pod_labels: dict[str, str], namespace_labels: dict[str, str]) -> bool:
+    """Whether a pod is in the mesh: its namespace is ambient (and it did not opt out), or
+    it asked for it itself."""
+    own = pod_labels.get(model.DATAPLANE_LABEL)
+    if own == "none":
+        return False
+    return own == "ambient" or namespace_labels.get(model.DATAPLANE_LABEL) == "ambient"
+
+
+def _workload(pod: res.Pod, ns_labels: dict[str, str], trust_domain: str) -> model.Workload:
+    addresses: list[str] = []
+    for ip in (pod.pod_ip, *pod.pod_ips):
+        if ip and ip not in addresses:
+            addresses.append(ip)
+    return model.Workload(
+        uid=pod.uid or f"{pod.namespace}/{pod.name}",
+        name=pod.name,
+        namespace=pod.namespace,
+        node=pod.node_name,
+        service_account=pod.service_account,
+        addresses=tuple(addresses),
+        labels=dict(pod.labels),
+        protocol=model.HBONE if enrolled(pod.labels, ns_labels) else model.TCP,
+        trust_domain=trust_domain,
+        healthy=pod.phase in ("", "Running"),
+        named_ports={p.name: p.container_port for p in pod.ports if p.name},
+    )
+
+
+def policy_scope(namespace: str, selector: dict[str, str] | None) -> str:
+    if selector:
+        return "workload"
+    return "global" if namespace == model.ROOT_NAMESPACE else "namespace"
+
+
+def _policy(pol: res.AuthorizationPolicy) -> model.Policy:
+    rules: list[model.Rule] = []
+    for i, rule in enumerate(pol.rules):
+        if rule.unsupported:
+            if pol.action == "ALLOW":
+                log.warning(
+                    "policy %s/%s rule %d uses unsupported %s: ALLOW rule dropped (fails closed)",
+                    pol.namespace, pol.name, i, ", ".join(rule.unsupported),
+                )
+                continue
+            log.warning(
+                "policy %s/%s rule %d uses unsupported %s: DENY rule applied without them",
+                pol.namespace, pol.name, i, ", ".join(rule.unsupported),
+            )
+        rules.append(_rule(rule))
+    return model.Policy(
+        name=pol.name,
+        namespace=pol.namespace,
+        scope=policy_scope(pol.namespace, pol.selector),
+        action=pol.action,
+        selector=dict(pol.selector or {}),
+        rules=tuple(rules),
+    )
+
+
+def _rule(rule: res.PolicyRule) -> model.Rule:
+    clauses: list[model.Clause] = []
+    if rule.sources:
+        clauses.append(
+            model.Clause(
+                matches=tuple(
+                    model.Match(
+                        principals=s.principals,
+                        not_principals=s.not_principals,
+                        namespaces=s.namespaces,
+                        not_namespaces=s.not_namespaces,
+                        source_ips=s.ip_blocks,
+                        not_source_ips=s.not_ip_blocks,
+                    )
+                    for s in rule.sources
+                )
+            )
+        )
+    if rule.operations:
+        clauses.append(
+            model.Clause(
+                matches=tuple(
+                    model.Match(
+                        destination_ports=o.ports,
+                        not_destination_ports=o.not_ports,
+                        methods=o.methods,
+                        not_methods=o.not_methods,
+                        paths=o.paths,
+                        not_paths=o.not_paths,
+                    )
+                    for o in rule.operations
+                )
+            )
+        )
+    return model.Rule(clauses=tuple(clauses))
+
+
+def same_content(a: model.MeshState, b: model.MeshState) -> bool:
+    """Equal apart from the version number."""
+    return all(getattr(a, kind) == getattr(b, kind) for kind in model.KINDS)

@@ -1,0 +1,97 @@
+"""Access log: one "connection complete" line per proxied connection, as ztunnel writes it.
+
+Lines are logfmt-like (``key=value``, values quoted when they hold spaces, quotes or ``=``)
+and go to the logger ``nodeproxy.access``, so the process's logging setup decides where.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+logger = logging.getLogger("nodeproxy.access")
+log = logging.getLogger(__name__)
+
+MESSAGE = "connection complete"
+
+# the order ztunnel prints them in; anything else follows in the order given
+FIELDS = (
+    "src.addr",
+    "src.workload",
+    "src.namespace",
+    "src.identity",
+    "dst.addr",
+    "dst.hbone_addr",
+    "dst.service",
+    "dst.workload",
+    "dst.namespace",
+    "dst.identity",
+    "direction",
+    "bytes_sent",
+    "bytes_recv",
+    "duration",
+    "response_flags",
+    "error",
+)
+
+# keyword-friendly spellings accepted by log_connection (``src_addr=`` → ``src.addr``)
+_ALIASES = {f.replace(".", "_"): f for f in FIELDS}
+
+
+def _value(key: str, value: Any) -> str:
+    if key == "duration" and isinstance(value, int | float) and not isinstance(value, bool):
+        text = f"{round(value)}ms"
+    elif isinstance(value, bytes):
+        text = value.decode("utf-8", "replace")
+    else:
+        text = str(value)
+    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+        escaped = (
+            text.replace("\\", "\\\\")
+            .replace('"', '\\"')
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+            .replace("\t", "\\t")
+        )
+        return f'"{escaped}"'
+    return text
+
+
+def format_entry(entry: Mapping[str, Any]) -> str:
+    """``key=value`` pairs, known fields first; ``None`` values are left out."""
+    keys = [k for k in FIELDS if k in entry]
+    keys += [k for k in entry if k not in FIELDS]
+    return " ".join(f"{k}={_value(k, entry[k])}" for k in keys if entry[k] is not None)
+
+
+def log_connection(**fields: Any) -> None:
+    """Log one finished connection. Keys may use ``_`` for ``.`` (``src_addr``).
+
+    ``duration`` is in milliseconds. Never raises: the access log must not break the relay.
+    """
+    try:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        entry = {_ALIASES.get(k, k): v for k, v in fields.items()}
+        logger.info("%s %s", MESSAGE, format_entry(entry))
+    except Exception:
+        log.exception("access log entry dropped")
+
+
+def parse_line(line: str) -> dict[str, str] | None:
+    """The fields of one access-log line (as :func:`format_entry` wrote them), else None."""
+    at = line.find(MESSAGE + " ")
+    if at < 0:
+        return None
+    try:
+        words = shlex.split(line[at + len(MESSAGE) + 1 :], posix=True)
+    except ValueError:
+        return None
+    out: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep:
+            out[key] = value
+    return out

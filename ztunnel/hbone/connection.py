@@ -1,0 +1,601 @@
+"""The trio driver of one HBONE HTTP/2 connection, and its streams.
+
+One reader task feeds :class:`~ztunnel.hbone.protocol.HboneH2`; one writer task is the only one
+that calls ``send_all`` on the transport. Every other task changes h2 state synchronously and then
+waits (``_flush``) until the writer has written what was queued so far: that wait, and h2's flow
+control windows, are the back-pressure. Received DATA is acknowledged to the peer only when the
+consumer takes it from :meth:`HboneStream.receive_some`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import h2.exceptions
+import trio
+from h2.errors import ErrorCodes
+
+from . import protocol as p
+from .protocol import HboneError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_CHUNK = 256 * 1024
+CLOSE_FLUSH_TIMEOUT = 1.0
+
+
+class HboneStatusError(HboneError):
+    """The server answered the CONNECT with a status other than 200."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HBONE CONNECT answered {status}")
+        self.status = status
+
+
+class HboneConnectError(HboneError):
+    """No HBONE connection could be made (TCP, TLS or identity failure)."""
+
+
+class HboneStream(trio.abc.HalfCloseableStream):
+    """One CONNECT tunnel. Byte stream semantics; see module docs for back-pressure."""
+
+    def __init__(
+        self,
+        conn: HboneConnection,
+        stream_id: int,
+        *,
+        authority: str,
+        peer_identity: str | None,
+    ) -> None:
+        self.connection = conn
+        self.stream_id = stream_id
+        self.authority = authority
+        self.peer_identity = peer_identity
+        self.status: int | None = None  # response status (client) / sent status (server)
+        self._recv: deque[bytes] = deque()
+        self._recv_off = 0  # consumed prefix of _recv[0]
+        self._recv_eof = False
+        self._send_eof = False
+        self._reset_code: int | None = None
+        self._reset_remote = False
+        self._conn_dead = False
+        self._closed = False
+        self._recv_busy = False
+        self._send_busy = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def __repr__(self) -> str:
+        return f"<HboneStream {self.stream_id} {self.authority}>"
+
+    # -- called by the connection -----------------------------------------------------------
+    def _on_data(self, data: bytes) -> None:
+        self._recv.append(data)
+        self._lot.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._recv_eof = True
+        self._lot.unpark_all()
+
+    def _on_response(self, status: int) -> None:
+        self.status = status
+        self._lot.unpark_all()
+
+    def _on_reset(self, code: int, *, remote: bool) -> None:
+        if self._reset_code is None:
+            self._reset_code = code
+            self._reset_remote = remote
+        self._discard_buffered()
+        self._lot.unpark_all()
+        self.connection._window_lot.unpark_all()  # a sender waiting for window must see it
+
+    def _on_conn_dead(self) -> None:
+        # Bytes already received stay readable; after them the stream reports the loss.
+        self._conn_dead = True
+        self._lot.unpark_all()
+
+    def _discard_buffered(self) -> None:
+        """Give unread bytes back to the connection window: nobody will read them."""
+        n = sum(len(c) for c in self._recv) - self._recv_off
+        self._recv.clear()
+        self._recv_off = 0
+        if n and not self._conn_dead:
+            self.connection._acknowledge(self.stream_id, n)
+
+    @property
+    def finished(self) -> bool:
+        """Both directions ended, or reset, or the connection died."""
+        return (self._send_eof and self._recv_eof) or self._reset_code is not None or (
+            self._conn_dead
+        )
+
+    def _abort(self, code: int = ErrorCodes.CANCEL) -> None:
+        """Reset unless finished; synchronous so it also works while being cancelled."""
+        if not self.finished:
+            self.connection._reset(self.stream_id, code)
+            self._on_reset(code, remote=False)
+        self.connection._forget(self)
+
+    # -- response (client) ------------------------------------------------------------------
+    async def _wait_response(self) -> int:
+        while self.status is None:
+            if self._reset_code is not None:
+                raise HboneError(f"stream reset before response (code {self._reset_code})")
+            if self._conn_dead:
+                raise HboneError(f"connection lost before response: {self.connection.dead_reason}")
+            await self._lot.park()
+        return self.status
+
+    # -- receiving --------------------------------------------------------------------------
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._recv_busy:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._recv_busy = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._recv:
+                    return self._take(max_bytes)
+                if self._reset_code is not None:
+                    who = "peer" if self._reset_remote else "us"
+                    raise trio.BrokenResourceError(
+                        f"HBONE stream reset by {who} (code {self._reset_code})")
+                if self._recv_eof:
+                    return b""
+                if self._conn_dead:
+                    raise trio.BrokenResourceError(
+                        f"HBONE connection lost: {self.connection.dead_reason}")
+                await self._lot.park()
+        finally:
+            self._recv_busy = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        head = self._recv[0]
+        off = self._recv_off
+        avail = len(head) - off
+        n = avail if max_bytes is None else min(avail, max_bytes)
+        if n == avail:
+            self._recv.popleft()
+            self._recv_off = 0
+            out = head if off == 0 else head[off:]
+        else:
+            out = head[off : off + n]
+            self._recv_off = off + n
+        # The consumer took it: only now may the peer send more (back-pressure).
+        self.connection._acknowledge(self.stream_id, n)
+        return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet taken by the consumer."""
+        return sum(len(c) for c in self._recv) - self._recv_off
+
+    # -- sending ----------------------------------------------------------------------------
+    def _check_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._send_eof:
+            raise trio.ClosedResourceError("send_eof() was called")
+        if self._reset_code is not None:
+            raise trio.BrokenResourceError(f"HBONE stream reset (code {self._reset_code})")
+        if self._conn_dead:
+            raise trio.BrokenResourceError(
+                f"HBONE connection lost: {self.connection.dead_reason}")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._send_busy = True
+        conn = self.connection
+        try:
+            view = memoryview(data).cast("B")
+            off = 0
+            self._check_send()
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            while off < len(view):
+                self._check_send()
+                try:
+                    n = conn._proto.send_data(self.stream_id, view[off:])
+                except h2.exceptions.ProtocolError as e:
+                    raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
+                if n == 0:
+                    await conn._window_lot.park()  # WINDOW_UPDATE / SETTINGS wake us
+                    continue
+                off += n
+                await conn._flush()
+            conn.last_used = trio.current_time()
+        finally:
+            self._send_busy = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        conn = self.connection
+        while True:
+            self._check_send()
+            if conn._proto.send_window(self.stream_id) > 0:
+                await trio.lowlevel.checkpoint()
+                return
+            await conn._window_lot.park()
+
+    async def send_eof(self) -> None:
+        if self._send_busy:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self._send_eof and not self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._check_send()
+        self._send_busy = True
+        try:
+            self._send_eof = True
+            try:
+                self.connection._proto.end_stream(self.stream_id)
+            except h2.exceptions.ProtocolError as e:
+                raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
+            if self.finished:
+                self.connection._forget(self)
+            await self.connection._flush()
+        finally:
+            self._send_busy = False
+
+    async def aclose(self) -> None:
+        """Close; resets the stream (RST_STREAM CANCEL) unless both directions ended."""
+        if not self._closed:
+            self._closed = True
+            self._abort(ErrorCodes.CANCEL)
+            self._discard_buffered()
+            self._lot.unpark_all()
+            self.connection._window_lot.unpark_all()
+            self.connection._kick()
+        await trio.lowlevel.checkpoint()
+
+
+class HboneConnection:
+    """One HBONE HTTP/2 connection over a connected trio stream (TLS in production).
+
+    The owner runs :meth:`run` in a nursery. Client side: :meth:`open_stream`. Server side:
+    ``on_request(stream, request)`` is called (synchronously, from the reader task) for every
+    valid CONNECT; it must not block — start a task and answer through the stream's connection.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        *,
+        client_side: bool,
+        on_request: Callable[[HboneStream, p.ConnectRequest], None] | None = None,
+        peer_identity: str | None = None,
+        peer_address: tuple[str, int] | None = None,
+        ping_interval: float = p.PING_INTERVAL,
+        ping_timeout: float = p.PING_TIMEOUT,
+    ) -> None:
+        self.transport = transport
+        self.client_side = client_side
+        self.peer_identity = peer_identity
+        self.peer_address = peer_address
+        self._on_request = on_request
+        self._proto = p.HboneH2(client_side=client_side)
+        self._streams: dict[int, HboneStream] = {}
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_payload: bytes | None = None
+        self._ping_sent_at: float | None = None
+        self._pending_seq = 0
+        self._written_seq = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._written_lot = trio.lowlevel.ParkingLot()
+        self._window_lot = trio.lowlevel.ParkingLot()
+        self._streams_lot = trio.lowlevel.ParkingLot()
+        self._started = False
+        self._run_scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+        self.dead_reason: str | None = None
+        self.created_at = trio.current_time()
+        self.last_used = self.created_at
+
+    def __repr__(self) -> str:
+        side = "client" if self.client_side else "server"
+        return f"<HboneConnection {side} peer={self.peer_identity} streams={self.open_streams}>"
+
+    # -- state for the pool -------------------------------------------------------------------
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        """The peer's MAX_CONCURRENT_STREAMS (unbounded until its SETTINGS arrive)."""
+        return self._proto.peer_max_concurrent_streams
+
+    @property
+    def is_usable(self) -> bool:
+        """Running, not closed, and no GOAWAY either way."""
+        return (
+            self._started
+            and self.dead_reason is None
+            and not self._proto.goaway_received
+            and not self._proto.goaway_sent
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self.dead_reason is not None
+
+    # -- writer ---------------------------------------------------------------------------------
+    def _kick(self) -> int:
+        """Ask the writer to send whatever h2 has queued; returns a sequence number."""
+        self._pending_seq += 1
+        self._writer_lot.unpark_all()
+        return self._pending_seq
+
+    async def _flush(self) -> None:
+        """Wait until everything queued so far has been handed to the transport."""
+        seq = self._kick()
+        while self._written_seq < seq:
+            if self.dead_reason is not None:
+                raise trio.BrokenResourceError(f"HBONE connection lost: {self.dead_reason}")
+            await self._written_lot.park()
+
+    async def _writer_loop(self) -> None:
+        while True:
+            if self._written_seq == self._pending_seq:
+                await self._writer_lot.park()
+                continue
+            seq = self._pending_seq
+            data = self._proto.data_to_send()
+            if data:
+                try:
+                    await self.transport.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    self._die(f"write failed: {e!r}")
+                    return
+            self._written_seq = seq
+            self._written_lot.unpark_all()
+
+    def _acknowledge(self, stream_id: int, n: int) -> None:
+        if self.dead_reason is None:
+            self._proto.acknowledge(stream_id, n)
+            if self._proto.has_output():  # a WINDOW_UPDATE only every half window
+                self._kick()
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        if self.dead_reason is None and self._proto.reset(stream_id, code):
+            self._kick()
+
+    def _forget(self, stream: HboneStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            self.last_used = trio.current_time()
+            self._streams_lot.unpark_all()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _die(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        log.debug("HBONE connection %r ends: %s", self, reason)
+        for stream in list(self._streams.values()):
+            stream._on_conn_dead()
+        self._streams.clear()
+        for lot in (self._window_lot, self._written_lot, self._writer_lot, self._streams_lot):
+            lot.unpark_all()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the connection (reader, writer, PING keepalive) until it ends; closes the
+        transport on the way out."""
+        if self._started:
+            raise RuntimeError("HboneConnection.run() called twice")
+        self._started = True
+        try:
+            self._proto.initiate()
+            async with trio.open_nursery() as nursery:
+                self._run_scope = nursery.cancel_scope
+                if self.dead_reason is not None:  # aclose() before run()
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._writer_loop)
+                nursery.start_soon(self._keepalive)
+                self._kick()
+                task_status.started()
+                reason = await self._reader_loop()
+                # Let the writer send a final GOAWAY, briefly.
+                with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+                    try:
+                        await self._flush()
+                    except trio.BrokenResourceError:
+                        pass
+                self._die(reason)
+        finally:
+            self._die("connection closed")
+            await trio.aclose_forcefully(self.transport)
+            self._done.set()
+
+    async def _reader_loop(self) -> str:
+        while True:
+            try:
+                data = await self.transport.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                return f"read failed: {e!r}"
+            if not data:
+                return "peer closed the connection"
+            try:
+                events = self._proto.receive(data)
+            except p.HboneProtocolError as e:
+                log.warning("HBONE peer %s (%s) broke HTTP/2, closing: %s",
+                            self.peer_identity, self.peer_address, e)
+                return str(e)
+            self._dispatch(events)
+            if self._proto.has_output():
+                self._kick()
+            if self.dead_reason is not None:
+                return self.dead_reason
+
+    def _dispatch(self, events: Iterable[p.Event]) -> None:
+        streams = self._streams
+        for ev in events:
+            if isinstance(ev, p.DataReceived):
+                stream = streams.get(ev.stream_id)
+                if stream is None or stream._closed:
+                    self._proto.acknowledge(ev.stream_id, len(ev.data))
+                else:
+                    stream._on_data(ev.data)
+            elif isinstance(ev, p.WindowChanged):
+                self._window_lot.unpark_all()
+            elif isinstance(ev, p.EndOfStream):
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._on_eof()
+                    if stream.finished:
+                        self._forget(stream)
+            elif isinstance(ev, p.StreamReset):
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream._on_reset(ev.error_code, remote=ev.remote)
+                    self._forget(stream)
+            elif isinstance(ev, p.ResponseReceived):
+                stream = streams.get(ev.stream_id)
+                if stream is None:
+                    self._proto.reset(ev.stream_id, ErrorCodes.CANCEL)
+                else:
+                    stream._on_response(ev.status)
+            elif isinstance(ev, p.ConnectRequested):
+                self._on_connect(ev)
+            elif isinstance(ev, p.RequestRefused):
+                log.info("HBONE request from %s refused with %s: %s",
+                         self.peer_identity, ev.status, ev.reason)
+            elif isinstance(ev, p.PingAcked):
+                if ev.data == self._ping_payload:
+                    self._ping_payload = self._ping_sent_at = None
+            elif isinstance(ev, p.GoAway):
+                self._on_goaway(ev)
+
+    def _on_connect(self, ev: p.ConnectRequested) -> None:
+        if self._on_request is None:
+            self._proto.reset(ev.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = HboneStream(self, ev.stream_id, authority=ev.request.authority,
+                             peer_identity=self.peer_identity)
+        self._streams[ev.stream_id] = stream
+        self.last_used = trio.current_time()
+        try:
+            self._on_request(stream, ev.request)
+        except Exception:
+            log.exception("HBONE request callback failed")
+            stream._abort(ErrorCodes.INTERNAL_ERROR)
+
+    def _on_goaway(self, ev: p.GoAway) -> None:
+        log.debug("HBONE GOAWAY from %s: code %s last stream %s",
+                  self.peer_identity, ev.error_code, ev.last_stream_id)
+        if ev.error_code != ErrorCodes.NO_ERROR:
+            self._die(f"GOAWAY with error code {ev.error_code}")
+            return
+        # Streams we opened above last_stream_id were never seen by the peer.
+        for sid, stream in list(self._streams.items()):
+            if self.client_side == bool(sid % 2) and sid > ev.last_stream_id:
+                stream._on_reset(ErrorCodes.REFUSED_STREAM, remote=True)
+                self._forget(stream)
+        self._window_lot.unpark_all()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self._ping_interval)
+            now = trio.current_time()
+            if self._ping_sent_at is not None:
+                if now - self._ping_sent_at >= self._ping_timeout:
+                    log.warning("HBONE peer %s did not answer PING for %.0f s, closing",
+                                self.peer_identity, now - self._ping_sent_at)
+                    self._die("PING timeout")
+                    return
+                continue
+            self._ping_payload = self._proto.ping()
+            self._ping_sent_at = now
+            self._kick()
+
+    # -- public actions -------------------------------------------------------------------------
+    async def open_stream(
+        self, authority: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> HboneStream:
+        """Client: send a CONNECT and wait for the answer. 200 → the stream; other status →
+        :class:`HboneStatusError`; reset, GOAWAY or connection loss → :class:`HboneError`."""
+        if not self.client_side:
+            raise RuntimeError("open_stream() on a server-side HBONE connection")
+        if not self.is_usable:
+            raise HboneError(f"HBONE connection not usable ({self.dead_reason or 'GOAWAY'})")
+        if self.open_streams >= self.max_concurrent_streams:
+            raise HboneError("HBONE connection has no free stream")
+        try:
+            sid = self._proto.open_request(authority, list(headers))
+        except (h2.exceptions.ProtocolError, ValueError, UnicodeError) as e:
+            raise HboneError(f"cannot send CONNECT {authority!r}: {e}") from e
+        stream = HboneStream(self, sid, authority=authority, peer_identity=self.peer_identity)
+        self._streams[sid] = stream
+        self.last_used = trio.current_time()
+        ok = False
+        try:
+            try:
+                await self._flush()
+            except trio.BrokenResourceError as e:
+                raise HboneError(str(e)) from e
+            status = await stream._wait_response()
+            if status != 200:
+                raise HboneStatusError(status)
+            ok = True
+            return stream
+        finally:
+            if not ok:
+                stream._abort(ErrorCodes.CANCEL)
+
+    async def respond(self, stream: HboneStream, status: int) -> None:
+        """Server: answer a CONNECT; non-200 also ends the stream."""
+        if stream.status is not None:
+            raise RuntimeError("HBONE request already answered")
+        if stream._reset_code is not None or stream._conn_dead:
+            raise trio.BrokenResourceError("HBONE stream gone before the answer")
+        stream.status = status
+        end = status != 200
+        try:
+            self._proto.respond(stream.stream_id, status, end_stream=end)
+        except h2.exceptions.ProtocolError as e:
+            raise trio.BrokenResourceError(f"cannot answer HBONE request: {e}") from e
+        if end:
+            stream._send_eof = True
+            if stream.finished:
+                self._forget(stream)
+        await self._flush()
+
+    async def drain(self) -> None:
+        """Send GOAWAY (NO_ERROR), let open streams finish, then close. Bound it with a
+        cancel scope; cancellation closes at once."""
+        try:
+            if self.dead_reason is None:
+                self._proto.goaway(ErrorCodes.NO_ERROR)
+                try:
+                    await self._flush()
+                except trio.BrokenResourceError:
+                    pass
+            while self._streams and self.dead_reason is None:
+                await self._streams_lot.park()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Send GOAWAY and close the transport; open streams break."""
+        if self.dead_reason is None and self._started:
+            self._proto.goaway(ErrorCodes.NO_ERROR)
+            with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+                try:
+                    await self._flush()
+                except trio.BrokenResourceError:
+                    pass
+        self._die("closed locally")
+        if self._started:
+            await self._done.wait()
+        else:
+            await trio.aclose_forcefully(self.transport)

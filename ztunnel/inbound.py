@@ -1,0 +1,224 @@
+"""Inbound: HBONE on 15008 and plaintext on 15006, inside the destination pod's netns.
+
+HBONE: mutual TLS with the pod's own certificate; the caller must present a SPIFFE identity of
+our trust domain. Each CONNECT is checked (the authority must be this pod, L4 policy must allow)
+and the app is dialled with the caller's IP as source before 200 is sent, as ztunnel does.
+Plaintext 15006 serves callers outside the mesh: the same policy, with no identity.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from nodeproxy.netns import in_netns
+from nodeproxy.telemetry.accesslog import log_connection
+from nodeproxy.telemetry.metrics import ConnectionLabels
+from nodeproxy.tlsconfig import PeerIdentityError, check_trust_domain
+from ztunnel.hbone.server import serve_hbone_connection
+from ztunnel.outbound import fmt_addr
+from ztunnel.policy import Connection
+from ztunnel.relay import Counters, RelayError, abort, relay
+from ztunnel.sockets import connector, original_dst
+
+if TYPE_CHECKING:
+    from ztunnel.hbone.server import HboneRequest
+    from ztunnel.podproxy import PodProxy
+    from ztunnel.proxy import NodeProxy
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+
+
+async def handle_hbone(proxy: NodeProxy, pod: PodProxy, tcp: trio.SocketStream) -> None:
+    """Terminate mTLS for one HBONE connection and serve its CONNECT streams."""
+    peer = tcp.socket.getpeername()[:2]
+    local_ip = tcp.socket.getsockname()[0]
+    try:
+        cert = await proxy.certs.get(pod.identity)
+    except Exception as exc:  # noqa: BLE001 - no certificate: refuse, never fall back
+        log.warning("inbound HBONE to %s: no certificate for %s: %s", pod.name, pod.identity, exc)
+        await abort(tcp)
+        return
+    tls = trio.SSLStream(tcp, cert.server_context(), server_side=True)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await tls.do_handshake()
+        caller = check_trust_domain(tls, pod.trust_domain)
+    except (trio.BrokenResourceError, trio.TooSlowError, PeerIdentityError, OSError) as exc:
+        log.warning("inbound HBONE to %s from %s refused: %s", pod.name, fmt_addr(*peer), exc)
+        proxy.metrics.failed(
+            ConnectionLabels.from_workloads(
+                reporter="destination",
+                source=None,
+                destination=proxy.state.workloads.get(pod.uid),
+                destination_identity=pod.identity,
+            ),
+            "TLS_FAILURE",
+        )
+        await trio.aclose_forcefully(tls)
+        return
+
+    async def on_connect(request: HboneRequest) -> None:
+        await _serve_connect(proxy, pod, request, caller, peer[0], local_ip)
+
+    try:
+        await serve_hbone_connection(tls, on_connect, peer_identity=caller, peer_address=peer)
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+def _addressed_to_pod(proxy: NodeProxy, pod: PodProxy, host: str, local_ip: str) -> bool:
+    workload = proxy.state.workloads.get(pod.uid)
+    addresses = set(workload.addresses) if workload else set()
+    addresses.add(local_ip)
+    try:
+        return str(ipaddress.ip_address(host)) in addresses
+    except ValueError:
+        return False
+
+
+async def _serve_connect(
+    proxy: NodeProxy,
+    pod: PodProxy,
+    request: HboneRequest,
+    caller: str,
+    src_ip: str,
+    local_ip: str,
+) -> None:
+    host, port = request.authority
+    if not _addressed_to_pod(proxy, pod, host, local_ip):
+        log.info("inbound %s: CONNECT %s is not an address of this pod", pod.name, host)
+        await request.reject(400)
+        return
+    await _admit(proxy, pod, src_ip, caller, host, port, hbone=request)
+
+
+async def handle_plaintext(proxy: NodeProxy, pod: PodProxy, client: trio.SocketStream) -> None:
+    """A caller outside the mesh, redirected to 15006: policy with no identity."""
+    src_ip, src_port = client.socket.getpeername()[:2]
+    try:
+        dst_ip, dst_port = original_dst(client.socket)
+    except OSError as exc:
+        log.warning("inbound plaintext to %s: no original destination: %s", pod.name, exc)
+        await abort(client)
+        return
+    await _admit(proxy, pod, src_ip, None, dst_ip, dst_port, plain=client, src_port=src_port)
+
+
+async def _admit(
+    proxy: NodeProxy,
+    pod: PodProxy,
+    src_ip: str,
+    caller: str | None,
+    dst_ip: str,
+    dst_port: int,
+    *,
+    hbone: HboneRequest | None = None,
+    plain: trio.SocketStream | None = None,
+    src_port: int | None = None,
+) -> None:
+    """Policy, dial the app as the caller, then relay (shared by 15008 and 15006)."""
+    started = time.monotonic()
+    state = proxy.state
+    workload = state.workloads.get(pod.uid)
+    source = state.workload_by_ip(src_ip)
+    labels = ConnectionLabels.from_workloads(
+        reporter="destination",
+        source=source,
+        source_identity=caller,
+        destination=workload,
+        destination_identity=pod.identity,
+        mtls=caller is not None,
+    )
+    conn = Connection(src_identity=caller, src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port)
+    policies = state.policies_for(workload) if workload else []
+    decision = proxy.authorize(policies, conn)
+    entry = {
+        "direction": "inbound",
+        "src.addr": fmt_addr(src_ip, src_port) if src_port else src_ip,
+        "src.workload": source.name if source else None,
+        "src.namespace": source.namespace if source else None,
+        "src.identity": caller,
+        "dst.addr": fmt_addr(dst_ip, dst_port),
+        "dst.hbone_addr": fmt_addr(dst_ip, 15008) if hbone else None,
+        "dst.workload": pod.name,
+        "dst.namespace": pod.namespace,
+        "dst.identity": pod.identity,
+    }
+    if not decision.allowed:
+        log.info("inbound %s denied: %s", fmt_addr(dst_ip, dst_port), decision.reason)
+        proxy.metrics.failed(labels, "DENY")
+        entry["error"] = f"policy rejection: {decision.reason}"
+        log_connection(**entry, bytes_sent=0, bytes_recv=0, duration=0)
+        if hbone is not None:
+            await hbone.reject(401)
+        elif plain is not None:
+            await abort(plain)
+        return
+    try:
+        app = await _dial_app(pod, src_ip, dst_ip, dst_port)
+    except OSError as exc:
+        log.info("inbound %s: app unreachable: %s", fmt_addr(dst_ip, dst_port), exc)
+        proxy.metrics.failed(labels, "UF")
+        entry["error"] = f"connect: {exc}"
+        log_connection(**entry, bytes_sent=0, bytes_recv=0, duration=0)
+        if hbone is not None:
+            await hbone.reject(503)
+        elif plain is not None:
+            await abort(plain)
+        return
+    if hbone is not None:
+        try:
+            client = await hbone.accept()
+        except Exception as exc:  # noqa: BLE001 - the tunnel went away meanwhile
+            log.info("inbound %s: tunnel gone before accept: %s", pod.name, exc)
+            await abort(app)
+            return
+    else:
+        assert plain is not None
+        client = plain
+    counters = Counters()
+    live = proxy.connections.add(entry, counters, policy_check=(workload, conn))
+    proxy.metrics.opened(labels)
+    try:
+        with live.cancel_scope:
+            await relay(client, app, counters)
+    except RelayError as exc:
+        entry["error"] = str(exc)
+    finally:
+        proxy.connections.remove(live)
+        if live.cancel_scope.cancelled_caught:
+            entry["error"] = "closed: policy now denies"
+        proxy.metrics.bytes(
+            labels, received=counters.client_to_server, sent=counters.server_to_client
+        )
+        proxy.metrics.closed(labels, "-")
+        log_connection(
+            **entry,
+            bytes_sent=counters.server_to_client,
+            bytes_recv=counters.client_to_server,
+            duration=round((time.monotonic() - started) * 1000),
+        )
+
+
+async def _dial_app(pod: PodProxy, src_ip: str, ip: str, port: int) -> trio.SocketStream:
+    """Connect to the app inside the pod, with the caller's address as source."""
+
+    def make():
+        return connector(spoof_source=src_ip)
+
+    sock = trio.socket.from_stdlib_socket(await in_netns(pod.netns_fd, make))
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await sock.connect((ip, port))
+    except (OSError, trio.TooSlowError) as exc:
+        sock.close()
+        raise OSError(str(exc) or "connect timed out") from exc
+    return trio.SocketStream(sock)

@@ -1,0 +1,1 @@
+"""In-pod mode: the node agent channel (:mod:`ztunnel.inpod.channel`) and per-pod listeners."""

@@ -1,0 +1,127 @@
+"""One enrolled pod's proxy: listeners 15001, 15006 and 15008 inside the pod's netns.
+
+The sockets are created on a worker thread that has entered the pod netns; once bound they stay
+in that namespace, and the trio tasks that accept on them run like any others. Stopping a pod
+proxy closes its listeners and cancels its connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from nodeproxy.identity import spiffe_id
+from nodeproxy.model import TRUST_DOMAIN
+from nodeproxy.netns import in_netns, netns_id
+from ztunnel.inbound import handle_hbone, handle_plaintext
+from ztunnel.outbound import handle_outbound
+from ztunnel.sockets import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, listener
+
+if TYPE_CHECKING:
+    from ztunnel.proxy import NodeProxy
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["NodeProxy", "PodProxy", trio.SocketStream], Awaitable[None]]
+
+
+class PodProxy:
+    def __init__(
+        self,
+        uid: str,
+        name: str,
+        namespace: str,
+        service_account: str,
+        netns_fd: int,
+        trust_domain: str = TRUST_DOMAIN,
+    ) -> None:
+        self.uid = uid
+        self.name = name
+        self.namespace = namespace
+        self.service_account = service_account
+        self.trust_domain = trust_domain
+        self.netns_fd = netns_fd
+        self.netns = netns_id(netns_fd)
+        self.identity = spiffe_id(trust_domain, namespace, service_account)
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "uid": self.uid,
+            "name": self.name,
+            "namespace": self.namespace,
+            "identity": self.identity,
+            "netns": f"{self.netns[0]}:{self.netns[1]}",
+        }
+
+    async def start(self, proxy: NodeProxy, nursery: trio.Nursery) -> None:
+        """Bind the three listeners in the pod netns (errors raise: the agent is nacked)."""
+
+        def bind_all():
+            socks = []
+            try:
+                for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT):
+                    socks.append(listener(port))
+            except BaseException:
+                for s in socks:
+                    s.close()
+                raise
+            return socks
+
+        socks = await in_netns(self.netns_fd, bind_all)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+        handlers: list[Handler] = [handle_outbound, handle_plaintext, handle_hbone]
+        nursery.start_soon(self._serve, proxy, list(zip(listeners, handlers, strict=True)))
+
+    async def _serve(
+        self, proxy: NodeProxy, pairs: list[tuple[trio.SocketListener, Handler]]
+    ) -> None:
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    for lst, handler in pairs:
+                        nursery.start_soon(self._accept_loop, proxy, lst, handler, nursery)
+        finally:
+            for lst, _ in pairs:
+                with trio.CancelScope(shield=True):
+                    await lst.aclose()
+            try:
+                os.close(self.netns_fd)
+            except OSError:
+                pass
+            self._stopped.set()
+
+    async def _accept_loop(
+        self,
+        proxy: NodeProxy,
+        lst: trio.SocketListener,
+        handler: Handler,
+        nursery: trio.Nursery,
+    ) -> None:
+        while True:
+            try:
+                stream = await lst.accept()
+            except (OSError, trio.ClosedResourceError) as exc:
+                if isinstance(exc, trio.ClosedResourceError):
+                    return
+                log.warning("pod %s/%s: accept failed: %s", self.namespace, self.name, exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(self._guard, proxy, handler, stream)
+
+    async def _guard(self, proxy: NodeProxy, handler: Handler, stream: trio.SocketStream) -> None:
+        """Run one connection; a bug in it is logged and never takes the pod proxy down."""
+        try:
+            await handler(proxy, self, stream)
+        except Exception:
+            log.exception("pod %s/%s: connection handler failed", self.namespace, self.name)
+            await trio.aclose_forcefully(stream)
+
+    async def stop(self) -> None:
+        self._scope.cancel()
+        await self._stopped.wait()

@@ -1,0 +1,314 @@
+"""The node proxy process: one trio process per node serving every enrolled pod.
+
+It holds the mesh state (from the control plane), the certificates of the identities of its
+pods, the HBONE pool, the pod proxies handed over by the CNI node agent, the live connections,
+and the telemetry servers (metrics 15020, readiness 15021, admin on localhost 15000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from nodeproxy.certmanager import CertificateManager
+from nodeproxy.discovery import DiscoveryClient
+from nodeproxy.model import MeshState, Workload
+from nodeproxy.netns import in_netns
+from nodeproxy.telemetry.metrics import ProxyMetrics
+from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
+from nodeproxy.tlsconfig import check_peer
+from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.inpod.channel import PodInfo, run_channel
+from ztunnel.podproxy import PodProxy
+from ztunnel.policy import Connection, Decision, authorize
+from ztunnel.relay import Counters
+from ztunnel.sockets import connector, set_keepalive
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(eq=False)
+class LiveConnection:
+    id: int
+    entry: dict[str, Any]
+    counters: Counters
+    started: float
+    policy_check: tuple[Workload | None, Connection] | None = None
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def describe(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.entry.items() if v is not None}
+        out["bytes_client_to_server"] = self.counters.client_to_server
+        out["bytes_server_to_client"] = self.counters.server_to_client
+        out["age_s"] = round(time.monotonic() - self.started, 1)
+        return out
+
+
+class ConnectionRegistry:
+    """Live proxied connections: for the admin page and for policy re-checks."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.live: dict[int, LiveConnection] = {}
+
+    def add(
+        self,
+        entry: dict[str, Any],
+        counters: Counters,
+        policy_check: tuple[Workload | None, Connection] | None = None,
+    ) -> LiveConnection:
+        conn = LiveConnection(next(self._ids), entry, counters, time.monotonic(), policy_check)
+        self.live[conn.id] = conn
+        return conn
+
+    def remove(self, conn: LiveConnection) -> None:
+        self.live.pop(conn.id, None)
+
+
+class NodeProxy:
+    def __init__(
+        self,
+        node: str,
+        discovery: DiscoveryClient,
+        certs: CertificateManager,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.node = node
+        self.discovery = discovery
+        self.certs = certs
+        self.metrics = metrics or ProxyMetrics()
+        self.rng = random.Random()
+        self.pool = HbonePool(self._connect_hbone)
+        self.connections = ConnectionRegistry()
+        self.pods: dict[str, PodProxy] = {}
+        self.readiness = Readiness()
+        self.readiness.set("cni snapshot", False, "waiting for the node agent's snapshot")
+        self.readiness.set("mesh state", False, "waiting for the control plane")
+        self._sources: dict[str, PodProxy] = {}
+        self._nursery: trio.Nursery | None = None
+        self._seen_since_hello: set[str] = set()
+
+    @property
+    def state(self) -> MeshState:
+        return self.discovery.state
+
+    def authorize(self, policies: list, conn: Connection) -> Decision:
+        return authorize(policies, conn)
+
+    # -- outbound HBONE connections, made from the source pod's netns --------------------
+    def remember_source(self, ip: str, pod: PodProxy) -> None:
+        self._sources[ip] = pod
+
+    async def _connect_hbone(self, key: PoolKey) -> trio.abc.Stream:
+        pod = self._sources.get(key.src_ip or "")
+        if pod is None or pod.uid not in self.pods:
+            raise OSError(f"no enrolled pod owns source address {key.src_ip}")
+        cert = await self.certs.get(key.src_identity)
+        sock = trio.socket.from_stdlib_socket(await in_netns(pod.netns_fd, connector))
+        try:
+            set_keepalive(sock)  # type: ignore[arg-type]
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await sock.connect(key.next_hop)
+        except BaseException:
+            sock.close()
+            raise
+        tls = trio.SSLStream(trio.SocketStream(sock), cert.client_context(), server_side=False)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+            check_peer(tls, key.dst_identities)
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+        return tls
+
+    # -- the node agent's pods (ztunnel.inpod.channel.PodHandler) ------------------------
+    async def add(self, pod: PodInfo, netns_fd: int) -> None:
+        assert self._nursery is not None
+        old = self.pods.get(pod.uid)
+        proxy = PodProxy(pod.uid, pod.name, pod.namespace, pod.service_account, netns_fd)
+        if old is not None:
+            if old.netns == proxy.netns:
+                # same pod, same netns (a replay after reconnect): keep the running proxy
+                os.close(netns_fd)
+                self._seen_since_hello.add(pod.uid)
+                return
+            log.info("pod %s/%s has a new netns: replacing its proxy", pod.namespace, pod.name)
+            await old.stop()
+        await proxy.start(self, self._nursery)
+        self.pods[pod.uid] = proxy
+        self._seen_since_hello.add(pod.uid)
+        log.info("pod %s/%s enrolled (%s)", pod.namespace, pod.name, proxy.identity)
+        # fetch the pod's certificate now, so its first connection does not wait for it
+        self._nursery.start_soon(self._prefetch, proxy.identity)
+
+    async def _prefetch(self, identity: str) -> None:
+        try:
+            await self.certs.get(identity)
+        except Exception as exc:  # noqa: BLE001 - retried on first use
+            log.warning("certificate for %s not yet available: %s", identity, exc)
+
+    async def keep(self, uid: str) -> None:
+        if uid not in self.pods:
+            raise KeyError(f"unknown pod {uid}")
+        self._seen_since_hello.add(uid)
+
+    async def delete(self, uid: str) -> None:
+        proxy = self.pods.pop(uid, None)
+        if proxy is None:
+            return
+        await proxy.stop()
+        if not any(p.identity == proxy.identity for p in self.pods.values()):
+            self.certs.forget(proxy.identity)
+        log.info("pod %s/%s released", proxy.namespace, proxy.name)
+
+    async def snapshot_sent(self) -> None:
+        for uid in list(self.pods):
+            if uid not in self._seen_since_hello:
+                await self.delete(uid)
+        self._seen_since_hello = set()
+        self.readiness.set("cni snapshot", True)
+
+    # -- mesh state ------------------------------------------------------------------------
+    async def follow_state(self) -> None:
+        await self.discovery.ready.wait()
+        self.readiness.set("mesh state", True)
+        version = -1
+        while True:
+            state = await self.discovery.wait_changed(version)
+            version = state.version
+            self.recheck_policies(state)
+
+    def recheck_policies(self, state: MeshState) -> None:
+        """Close live inbound connections that the current policy would now deny."""
+        for conn in list(self.connections.live.values()):
+            if conn.policy_check is None:
+                continue
+            workload, c = conn.policy_check
+            current = state.workloads.get(workload.uid) if workload else None
+            policies = state.policies_for(current) if current else []
+            decision = self.authorize(policies, c)
+            if not decision.allowed:
+                log.info("closing connection %s: %s", conn.id, decision.reason)
+                conn.cancel_scope.cancel()
+
+    # -- admin -----------------------------------------------------------------------------
+    def admin_routes(self) -> dict[str, Any]:
+        async def config_dump(_: Request) -> Response:
+            return json_response(
+                {
+                    "node": self.node,
+                    "state": self.state.to_json(),
+                    "pods": [p.describe() for p in self.pods.values()],
+                    "certificates": self.certs.snapshot(),
+                    "pool": self.pool.stats(),
+                }
+            )
+
+        async def workloads(_: Request) -> Response:
+            return json_response(
+                [
+                    {**w.__dict__, "identity": w.identity}
+                    for w in self.state.workloads.values()
+                ]
+            )
+
+        async def services(_: Request) -> Response:
+            return json_response(self.state.to_json()["services"])
+
+        async def policies(_: Request) -> Response:
+            return json_response(self.state.to_json()["policies"])
+
+        async def certificates(_: Request) -> Response:
+            return json_response(self.certs.snapshot())
+
+        async def connections(_: Request) -> Response:
+            return json_response([c.describe() for c in self.connections.live.values()])
+
+        async def pods(_: Request) -> Response:
+            return json_response([p.describe() for p in self.pods.values()])
+
+        return {
+            "/config_dump": config_dump,
+            "/workloads": workloads,
+            "/services": services,
+            "/policies": policies,
+            "/certificates": certificates,
+            "/connections": connections,
+            "/pods": pods,
+        }
+
+    def metrics_routes(self) -> dict[str, Any]:
+        async def metrics(_: Request) -> Response:
+            return Response(
+                200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+            )
+
+        return {"/metrics": metrics, "/stats/prometheus": metrics}
+
+    async def run(
+        self,
+        agent_socket: str,
+        *,
+        admin: str,
+        metrics: str,
+        ready: str,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        from nodeproxy.telemetry.server import readiness_route
+
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.discovery.run)
+            nursery.start_soon(self.certs.run)
+            await nursery.start(self.pool.run)
+            await nursery.start(serve_http, admin, self.admin_routes())
+            await nursery.start(serve_http, metrics, self.metrics_routes())
+            await nursery.start(
+                serve_http, ready, {"/healthz/ready": readiness_route(self.readiness)}
+            )
+            nursery.start_soon(self.follow_state)
+            await nursery.start(run_channel, agent_socket, self)
+            task_status.started()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nodeproxy ztunnel", description=__doc__)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--controlplane", required=True, help="HOST:PORT of the control plane")
+    parser.add_argument("--ca-root", required=True, type=Path)
+    parser.add_argument("--token-file", required=True, type=Path)
+    parser.add_argument("--agent-socket", required=True)
+    parser.add_argument("--admin", default="127.0.0.1:15000")
+    parser.add_argument("--metrics", default="0.0.0.0:15020")
+    parser.add_argument("--ready", default="0.0.0.0:15021")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    roots = args.ca_root.read_bytes()
+    token = args.token_file.read_text().strip()
+    discovery = DiscoveryClient(args.controlplane, roots, token)
+    certs = CertificateManager(discovery.sign, roots)
+    proxy = NodeProxy(args.node, discovery, certs)
+    try:
+        trio.run(
+            lambda: proxy.run(
+                args.agent_socket, admin=args.admin, metrics=args.metrics, ready=args.ready
+            )
+        )
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,91 @@
+"""Socket options of the data path (Linux constants Python 3.11 lacks, see REFERENCE.md).
+
+Every socket the node proxy makes for the data path carries SO_MARK 0x539, which the capture
+rules exempt, so the proxy never captures its own traffic. These functions make plain blocking
+stdlib sockets; the caller creates them inside a pod's netns (nodeproxy.netns.in_netns) and
+hands them to trio.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+PROXY_MARK = 0x539
+SO_MARK = 36
+SOL_IP = 0
+SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19
+IP_FREEBIND = 15
+
+OUTBOUND_PORT = 15001
+INBOUND_PLAINTEXT_PORT = 15006
+HBONE_PORT = 15008
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def listener(port: int, *, backlog: int = 1024) -> socket.socket:
+    """A marked listening socket on 0.0.0.0:port in the calling thread's netns.
+
+    SO_REUSEPORT lets an old and a new node proxy overlap during an upgrade.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, PROXY_MARK)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connector(*, spoof_source: str | None = None) -> socket.socket:
+    """A marked, unconnected TCP socket in the calling thread's netns.
+
+    With ``spoof_source`` the socket is bound (IP_TRANSPARENT + IP_FREEBIND) to that address,
+    so the application sees the original caller's IP; the connmark 0x111 rules and routing
+    table 100 bring the replies back to this socket.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        _tune(sock)
+        if spoof_source is not None:
+            sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(SOL_IP, IP_FREEBIND, 1)
+            sock.bind((spoof_source, 0))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """The destination a REDIRECTed connection was addressed to (SO_ORIGINAL_DST)."""
+    raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack("!H", raw[2:4])[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """ztunnel's TCP keepalive: 180 s idle, 180 s interval, 9 probes."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 180)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 180)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 9)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the next close send RST instead of FIN (SO_LINGER 0), to pass a reset on."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
