@@ -25,15 +25,13 @@ DEMO_FILE = ROOT / "examples" / "demo.yaml"
 MARKER = "demo-secret-7c41"
 
 
-def lab(*args: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+def lab(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "nodeproxy.cli", "lab", *args], capture_output=True, text=True
     )
     if check and proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"demo: `nodeproxy lab {' '.join(args)}` failed")
-    if not quiet and proc.stdout.strip() and args[0] in ("up",):
-        print(indent(proc.stdout.strip()))
     return proc
 
 
@@ -133,7 +131,7 @@ def explain_capture(path: Path, status: dict[str, Any]) -> None:
     for (port, tls), flows in sorted(by_port.items()):
         peers = sorted({pod_ips.get(x[0], x[0]) for f in flows for x in (f.a, f.b)})
         kind = "TLS" if tls else "plain TCP"
-        print(f"  to port {port:<6} {kind:<10} {len(flows)} connection(s), "
+        print(f"  to port {port:<6} {kind:<10} {len(flows)} TCP connection(s), "
               f"{sum(f.payload_bytes for f in flows)} payload bytes, between {', '.join(peers)}")
     meshed = [f for f in crossing if f.a[1] == 15008]
     other = [f for f in crossing if f.a[1] != 15008 and f.payload_bytes]
@@ -141,7 +139,8 @@ def explain_capture(path: Path, status: dict[str, Any]) -> None:
     print(f"  the marker {MARKER!r} sent by the client in its requests: "
           f"{'FOUND in clear text (bad!)' if found else 'not found anywhere on the wire'}")
     if meshed and all(f.tls for f in meshed if f.payload_bytes):
-        print("  every connection between meshed pods crossed as TLS to port 15008 (HBONE)")
+        print("  every connection between meshed pods crossed as TLS to port 15008 (HBONE);")
+        print("  the client's requests to the other node shared pooled tunnel connections")
     if other:
         print("  plain TCP crossed only for the caller outside the mesh (legacy/outsider), "
               "which the destination's node proxy took on port 15006")
