@@ -1,0 +1,411 @@
+"""The cases, their paths (the subject and its baselines) and the figures measured on each.
+
+A *case* is a scenario (L4 cross-node; later the L7 gateway). It has *paths*: the mesh path
+first, then its baselines (direct, and a C reference). A *figure* is one measurement run on
+every path (throughput, latency, …); it yields one or more *metrics* (rows of the report).
+Paths are measured interleaved, figure by figure and repetition by repetition, so that load
+from elsewhere on the machine falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path as FsPath
+
+from benchmarks import lab as labmod
+from benchmarks.lab import BenchLab
+from benchmarks.tools import (
+    ToolOutputError,
+    iperf3_cmd,
+    median,
+    parse_iperf3,
+    parse_wrk,
+    ratio,
+    wrk_cmd,
+)
+
+log = logging.getLogger(__name__)
+HOLD_SCRIPT = FsPath(__file__).with_name("hold.py")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    seconds: float  # per load run
+    reps: int  # repetitions of each timed figure; the report gives their median
+    idle_conns: tuple[int, ...]
+    concurrency: int = 32
+
+
+MODES = {
+    "smoke": Mode("smoke", seconds=1, reps=1, idle_conns=(20,)),
+    "quick": Mode("quick", seconds=3, reps=1, idle_conns=(100,)),
+    "full": Mode("full", seconds=5, reps=5, idle_conns=(1000, 10000)),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    better: str  # "higher" | "lower"
+
+
+@dataclass
+class Path:
+    """One way from the client pod to the servers."""
+
+    name: str
+    label: str
+    client_pod: str
+    http_host: str
+    http_port: int
+    iperf_host: str
+    iperf_port: int
+    proxies: Callable[[], dict[str, list[int]]] = dict  # side -> pids; empty: no proxy
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}/1k"
+
+
+@dataclass
+class Samples:
+    """What the figures measured: metric -> path -> one value per repetition."""
+
+    values: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, metric: str, path: str, value: float | None) -> None:
+        self.values.setdefault(metric, {}).setdefault(path, []).append(value)
+
+
+class FigureError(RuntimeError):
+    pass
+
+
+# -- running tools ----------------------------------------------------------------------------
+
+
+def _run_tool(lab: BenchLab, path: Path, cmd: list[str], timeout: float) -> str:
+    try:
+        proc = lab.run_in(path.client_pod, cmd, timeout)
+    except subprocess.TimeoutExpired as e:
+        raise FigureError(f"{path.name}: {' '.join(cmd)} timed out after {timeout:g}s") from e
+    if proc.returncode != 0 and not proc.stdout.strip():
+        raise FigureError(f"{path.name}: {' '.join(cmd)} exited {proc.returncode}: "
+                          f"{proc.stderr.strip()[-400:]}")
+    return proc.stdout
+
+
+def _proxy_cpu(path: Path) -> float | None:
+    pids = [p for side in path.proxies().values() for p in side]
+    return labmod.cpu_seconds(pids) if pids else None
+
+
+def _timed(lab: BenchLab, path: Path, cmd: list[str], timeout: float) -> tuple[str, float | None]:
+    """Run a load tool; return its output and the CPU seconds the path's proxies spent."""
+    before = _proxy_cpu(path)
+    out = _run_tool(lab, path, cmd, timeout)
+    after = _proxy_cpu(path)
+    cpu = after - before if before is not None and after is not None else None
+    return out, cpu
+
+
+def _wrk(lab: BenchLab, path: Path, mode: Mode, **kw: object
+         ) -> tuple[float, float | None, dict[int, float], int]:
+    cmd = wrk_cmd(path.url, mode.seconds, **kw)  # type: ignore[arg-type]
+    out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
+    try:
+        res = parse_wrk(out)
+    except ToolOutputError as e:
+        raise FigureError(f"{path.name}: {e}") from e
+    if res.requests == 0:
+        raise FigureError(f"{path.name}: wrk completed no request ({res.socket_errors})")
+    if res.errors:
+        log.warning("%s: wrk saw errors: %s, non-2xx %d", path.name, res.socket_errors,
+                    res.non_2xx)
+    per_1k = cpu / res.requests * 1000 if cpu is not None else None
+    return res.requests_per_second, per_1k, res.latency_ms, res.errors
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+M = Metric
+METRICS: dict[str, Metric] = {m.key: m for m in [
+    M("tput_1", "bulk throughput, 1 stream", "Gbit/s", "higher"),
+    M("tput_1_cpu", "proxy CPU per GB, 1 stream", "CPU s/GB", "lower"),
+    M("tput_8", "bulk throughput, 8 streams", "Gbit/s", "higher"),
+    M("lat_p50", "latency p50, 1 connection", "ms", "lower"),
+    M("lat_p99", "latency p99, 1 connection", "ms", "lower"),
+    M("lat_added_p50", "added p50 latency over direct", "ms", "lower"),
+    M("rps", "requests/s, 32 connections", "req/s", "higher"),
+    M("rps_cpu", "proxy CPU per 1000 requests (both sides)", "CPU s", "lower"),
+    M("cps", "new connections/s (Connection: close, 32 conc.)", "conn/s", "higher"),
+    M("cps_cpu", "proxy CPU per 1000 connections (both sides)", "CPU s", "lower"),
+    M("rss_idle_src", "proxy RSS idle, client side", "MB", "lower"),
+    M("rss_idle_dst", "proxy RSS idle, server side", "MB", "lower"),
+]}
+
+
+def conn_metrics(n: int) -> list[Metric]:
+    return [
+        Metric(f"rss_{n}_src", f"proxy RSS with {n} idle conns, client side", "MB", "lower"),
+        Metric(f"rss_{n}_dst", f"proxy RSS with {n} idle conns, server side", "MB", "lower"),
+        Metric(f"kb_per_conn_{n}", f"proxy KB per idle conn at {n} (both sides)", "KB",
+               "lower"),
+    ]
+
+
+def fig_throughput(streams: int) -> Callable[[BenchLab, Path, Mode, Samples], None]:
+    def run(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+        cmd = iperf3_cmd(path.iperf_host, path.iperf_port, mode.seconds, streams)
+        out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
+        try:
+            res = parse_iperf3(out)
+        except ToolOutputError as e:
+            raise FigureError(f"{path.name}: {e}") from e
+        s.add(f"tput_{streams}", path.name, res.bits_per_second / 1e9)
+        if streams == 1:
+            gb = res.bytes / 1e9
+            s.add("tput_1_cpu", path.name, cpu / gb if cpu is not None and gb else None)
+    return run
+
+
+def fig_latency(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    _, _, lat, _ = _wrk(lab, path, mode, connections=1, latency=True)
+    s.add("lat_p50", path.name, lat.get(50))
+    s.add("lat_p99", path.name, lat.get(99))
+
+
+def fig_rps(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    rps, per_1k, _, _ = _wrk(lab, path, mode, connections=mode.concurrency)
+    s.add("rps", path.name, rps)
+    s.add("rps_cpu", path.name, per_1k)
+
+
+def fig_conn_rate(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    rps, per_1k, _, _ = _wrk(lab, path, mode, connections=mode.concurrency, close=True)
+    s.add("cps", path.name, rps)
+    s.add("cps_cpu", path.name, per_1k)
+
+
+def _rss_mb(pids: list[int]) -> float | None:
+    return labmod.rss_kb(pids) / 1024 if pids else None
+
+
+def fig_memory(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    """RSS of the path's proxies idle, then while N idle tunneled connections are held."""
+    sides = path.proxies()
+    if not sides:
+        return  # nothing to weigh on the direct path
+    src, dst = sides.get("client", []), sides.get("server", [])
+    idle_src, idle_dst = _rss_mb(src), _rss_mb(dst)
+    s.add("rss_idle_src", path.name, idle_src)
+    s.add("rss_idle_dst", path.name, idle_dst)
+    for n in mode.idle_conns:
+        if not _can_hold(n):
+            s.errors.append(f"{path.name}: {n} connections skipped: descriptor limit too low")
+            continue
+        held_src, held_dst = _hold(lab, path, n, lambda: (_rss_mb(src), _rss_mb(dst)))
+        s.add(f"rss_{n}_src", path.name, held_src)
+        s.add(f"rss_{n}_dst", path.name, held_dst)
+        grown = [(h - i) for h, i in ((held_src, idle_src), (held_dst, idle_dst))
+                 if h is not None and i is not None]
+        s.add(f"kb_per_conn_{n}", path.name, sum(grown) * 1024 / n if grown else None)
+
+
+def _can_hold(n: int) -> bool:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return hard == resource.RLIM_INFINITY or hard >= n + 1024
+
+
+def _hold(lab: BenchLab, path: Path, n: int,
+          measure: Callable[[], tuple[float | None, float | None]]
+          ) -> tuple[float | None, float | None]:
+    proc = lab.popen_in(path.client_pod, [sys.executable, str(HOLD_SCRIPT), path.http_host,
+                                          str(path.http_port), str(n), "/1k"])
+    try:
+        assert proc.stdout is not None
+        line = _readline(proc, timeout=60 + n / 50)
+        if not line.startswith("ready"):
+            err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+            raise FigureError(f"{path.name}: holding {n} connections failed: {line.strip()} "
+                              f"{err.strip()[-300:]}")
+        time.sleep(0.5)  # let both proxies finish setting up the last streams
+        return measure()
+    finally:
+        if proc.stdin:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            raise FigureError(f"no answer from the connection holder in {timeout:g}s")
+    return proc.stdout.readline()
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    run: Callable[[BenchLab, Path, Mode, Samples], None]
+    repeat: bool = True  # timed figures repeat; the memory figure runs once
+
+
+FIGURES: dict[str, Figure] = {f.name: f for f in [
+    # memory first: "idle" means before any load has grown the heaps
+    Figure("memory", fig_memory, repeat=False),
+    Figure("throughput-1", fig_throughput(1)),
+    Figure("throughput-8", fig_throughput(8)),
+    Figure("latency", fig_latency),
+    Figure("rps", fig_rps),
+    Figure("conn-rate", fig_conn_rate),
+]}
+
+
+# -- cases ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    figures: tuple[str, ...]
+    # None when the case can run here, else why not (the report lists it as not run)
+    unavailable: Callable[[], str | None]
+    paths: Callable[[BenchLab], list[Path]]
+
+
+def l4_paths(lab: BenchLab) -> list[Path]:
+    mesh_srv, plain_srv = lab.pod("mesh/server"), lab.pod("plain/server")
+
+    def mesh_proxies() -> dict[str, list[int]]:
+        return {"client": [lab.node_proxy_pid(lab.pod("mesh/client").node)],
+                "server": [lab.node_proxy_pid(mesh_srv.node)]}
+
+    return [
+        Path("mesh", "nodeproxy (HBONE, mTLS)", "mesh/client", mesh_srv.ip, labmod.NGINX_PORT,
+             mesh_srv.ip, labmod.IPERF_PORT, mesh_proxies),
+        Path("direct", "direct (no mesh)", "plain/client", plain_srv.ip, labmod.NGINX_PORT,
+             plain_srv.ip, labmod.IPERF_PORT),
+        Path("stunnel", "stunnel pair (C, mTLS)", "plain/client", "127.0.0.1",
+             labmod.STUNNEL_HTTP_LOCAL, "127.0.0.1", labmod.STUNNEL_IPERF_LOCAL,
+             lab.stunnel_pids),
+    ]
+
+
+def l7_unavailable() -> str | None:
+    # The hook for the L7 case (issue: the L7 gateway). When `l7gateway.gateway` exists:
+    # add a namespace labelled `nodeproxy.io/l7-gateway: enabled` with a Service in front of
+    # the nginx server pod to lab.lab_yaml, and return from `l7_paths` the paths
+    # mesh (client -> service VIP -> gateway -> server), direct (plain client -> server) and
+    # haproxy (an HTTP proxy with TLS on the same hop); the HTTP figures below then apply.
+    if find_spec("l7gateway.gateway") is None:
+        return "the L7 gateway is not built yet (no l7gateway.gateway module)"
+    return "the L7 case is not wired into the harness yet (benchmarks/cases.py: l7_paths)"
+
+
+def l7_paths(lab: BenchLab) -> list[Path]:
+    raise NotImplementedError("see l7_unavailable")
+
+
+CASES: dict[str, Case] = {c.name: c for c in [
+    Case("l4-cross-node", "L4 cross-node, meshed pod -> meshed pod",
+         tuple(FIGURES), lambda: None, l4_paths),
+    Case("l7-gateway", "L7 through a namespace gateway",
+         ("memory", "latency", "rps", "conn-rate"), l7_unavailable, l7_paths),
+]}
+
+
+def metrics_for(case: Case, mode: Mode) -> list[Metric]:
+    """The rows of a case's table, in order."""
+    keys = {
+        "memory": ["rss_idle_src", "rss_idle_dst"],
+        "throughput-1": ["tput_1", "tput_1_cpu"],
+        "throughput-8": ["tput_8"],
+        "latency": ["lat_p50", "lat_p99", "lat_added_p50"],
+        "rps": ["rps", "rps_cpu"],
+        "conn-rate": ["cps", "cps_cpu"],
+    }
+    out: list[Metric] = []
+    for f in case.figures:
+        out += [METRICS[k] for k in keys[f]]
+        if f == "memory":
+            for n in mode.idle_conns:
+                out += conn_metrics(n)
+    return out
+
+
+def warm_up(lab: BenchLab, paths: list[Path]) -> None:
+    """Every path answers (and the mesh's pooled connection and stunnel's session exist)."""
+    for p in paths:
+        lab.wait_http(p.client_pod, p.url, timeout=60)
+
+
+def measure_case(lab: BenchLab, case: Case, mode: Mode, figures: list[str]) -> Samples:
+    """Run the case's figures on all its paths; paths interleaved within each repetition."""
+    paths = case.paths(lab)
+    warm_up(lab, paths)
+    s = Samples()
+    chosen = [FIGURES[f] for f in case.figures if f in figures]
+    for rep in range(mode.reps):
+        for fig in chosen:
+            if rep > 0 and not fig.repeat:
+                continue
+            for p in paths:
+                log.info("%s rep %d/%d: %s on %s", case.name, rep + 1, mode.reps, fig.name,
+                         p.name)
+                try:
+                    fig.run(lab, p, mode, s)
+                except (FigureError, OSError, subprocess.SubprocessError,
+                        labmod.BenchLabError) as e:
+                    log.error("%s: %s on %s failed: %s", case.name, fig.name, p.name, e)
+                    s.errors.append(f"{fig.name} on {p.name}: {e}")
+    derive(s, [p.name for p in paths])
+    return s
+
+
+def derive(s: Samples, paths: list[str]) -> None:
+    """Metrics computed from others: the p50 latency each path adds over the direct one."""
+    p50 = s.values.get("lat_p50", {})
+    direct = median(p50.get("direct", []))
+    for name in paths:
+        if name in p50 and direct is not None:
+            mine = median(p50[name])
+            s.add("lat_added_p50", name, mine - direct if mine is not None else None)
+
+
+def summarize(s: Samples, metrics: list[Metric], paths: list[str], subject: str = "mesh"
+              ) -> list[dict[str, object]]:
+    """Per metric: the median per path, the samples, and the subject's ratio to each baseline."""
+    rows = []
+    for m in metrics:
+        per_path = s.values.get(m.key, {})
+        values = {p: median(per_path.get(p, [])) for p in paths}
+        rows.append({
+            "key": m.key, "title": m.title, "unit": m.unit, "better": m.better,
+            "values": values,
+            "samples": {p: per_path.get(p, []) for p in paths},
+            "ratios": {f"{subject}/{p}": ratio(values.get(subject), values[p])
+                       for p in paths if p != subject},
+        })
+    return rows
