@@ -253,6 +253,7 @@ class BenchLab:
     def prepare(self) -> Path:
         """Write the configs, the served file, the certificates and the lab file."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)  # nginx's worker runs as nobody and reads the served file
         for ns in ("mesh", "plain"):
             d = self.workdir / f"nginx-{ns}"
             (d / "tmp").mkdir(parents=True, exist_ok=True)

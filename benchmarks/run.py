@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import cases, report
-from benchmarks.lab import BenchLab
+from benchmarks.lab import BenchLab, BenchLabError
 
 log = logging.getLogger("benchmarks.run")
 HERE = Path(__file__).resolve().parent
@@ -83,24 +85,33 @@ def run(args: argparse.Namespace) -> int:
 
     failed = False
     if runnable:
-        with tempfile.TemporaryDirectory(prefix="nodeproxy-bench-") as tmp:
-            lab = BenchLab(args.lab_dir, args.prefix, Path(tmp))
+        # the pods serve files from here: it lives as long as the lab (kept with --keep)
+        workdir = Path(tempfile.mkdtemp(prefix="nodeproxy-bench-"))
+        lab = BenchLab(args.lab_dir, args.prefix, workdir)
+        try:
+            t0 = time.monotonic()
             try:
-                t0 = time.monotonic()
                 lab.up()
-                log.info("lab up in %.1f s", time.monotonic() - t0)
-                for case in runnable:
-                    entry = _measure(lab, case, mode, figures)
-                    failed |= bool(entry.get("errors")) or entry["status"] != "ok"
-                    results["cases"].append(entry)
-            finally:
-                if not args.keep:
-                    down = lab.down()
-                    if down.returncode != 0:
-                        log.error("lab down failed: %s", down.stderr.strip())
-                else:
-                    log.warning("lab kept: NODEPROXY_LAB_DIR=%s NODEPROXY_LAB_PREFIX=%s",
-                                args.lab_dir, args.prefix)
+            except (BenchLabError, OSError, subprocess.SubprocessError) as e:
+                log.error("the benchmark lab did not come up: %s", e)
+                failed = True
+                results["cases"] += [{"name": c.name, "title": c.title, "status": "failed",
+                                      "reason": f"lab up failed: {e}"} for c in runnable]
+                runnable = []
+            log.info("lab up in %.1f s", time.monotonic() - t0)
+            for case in runnable:
+                entry = _measure(lab, case, mode, figures)
+                failed |= bool(entry.get("errors")) or entry["status"] != "ok"
+                results["cases"].append(entry)
+        finally:
+            if not args.keep:
+                down = lab.down()
+                if down.returncode != 0:
+                    log.error("lab down failed: %s", down.stderr.strip())
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                log.warning("lab kept (files in %s): NODEPROXY_LAB_DIR=%s "
+                            "NODEPROXY_LAB_PREFIX=%s", workdir, args.lab_dir, args.prefix)
     # keep the order the cases were asked for
     order = {n: i for i, n in enumerate(case_names)}
     results["cases"].sort(key=lambda c: order[c["name"]])

@@ -4,7 +4,9 @@ Build a :class:`RouteTable` once per (service, port) whenever the routes change,
 :meth:`RouteTable.match` per request. Every match of every rule of every attached route is
 flattened into one entry and the entries are sorted once by the Gateway API's precedence:
 
-1. Exact path, then PathPrefix (longest value first), then RegularExpression;
+1. Exact path, then PathPrefix (longest value first), then RegularExpression (the spec
+   leaves regex precedence open; this is Istio's and Envoy Gateway's order, so even a
+   catch-all PathPrefix ``/`` outranks a regex);
 2. a method match; 3. more header matches; 4. more query-param matches;
 5. the oldest route (``creationTimestamp``); 6. ``namespace/name`` alphabetically;
 7. rule order (then match order inside the rule).

@@ -138,12 +138,22 @@ class Echo:
             log.debug("connection ended: %s", e)
 
     async def raw(self, stream: trio.SocketStream, first: bytes) -> None:
+        """Echo bytes; after the caller's half-close, say how many came, then close.
+
+        Writing after the caller's EOF shows a half-closed connection still carries the other
+        direction.
+        """
         await stream.send_all(first)
+        total = len(first)
         while True:
             with trio.move_on_after(IDLE_TIMEOUT) as scope:
                 data = await stream.receive_some(65536)
-            if scope.cancelled_caught or not data:
+            if scope.cancelled_caught:
                 return
+            if not data:
+                await stream.send_all(f"[eof after {total} bytes]\n".encode())
+                return
+            total += len(data)
             await stream.send_all(data)
 
     async def http(self, stream: trio.SocketStream, first: bytes, peer: str, port: int) -> None:

@@ -520,3 +520,47 @@ def test_node_proxy_restart_gets_pods_back_from_the_agent(mesh: Lab):
     assert mesh.node_http("node-b", "http://127.0.0.1:15021/healthz/ready") == "ready"
     assert echo(mesh, "shop/client", url)["pod"] == "backend-b"
     assert echo(mesh, "other/caller", url)["pod"] == "backend-b"
+
+
+HALF_CLOSE_CLIENT = """
+import socket
+s = socket.create_connection(("{ip}", {port}), timeout=10)
+s.sendall(b"abc")
+s.shutdown(socket.SHUT_WR)
+got = b""
+try:
+    while True:
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        got += chunk
+    print("EOF", repr(got))
+except ConnectionResetError:
+    print("RESET", repr(got))
+except OSError as exc:
+    print("ERROR", exc)
+"""
+
+
+def run_in_pod(lab: Lab, pod: str, script: str) -> str:
+    proc = lab.exec(pod, sys.executable, "-c", script, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_half_close_travels_end_to_end(mesh: Lab):
+    ip = mesh.ip("shop/backend-b")
+    out = run_in_pod(mesh, "shop/client", HALF_CLOSE_CLIENT.format(ip=ip, port=8080))
+    # the app saw our EOF (through both node proxies) and could still answer afterwards
+    assert out == "EOF b'abc[eof after 3 bytes]\\n'"
+
+
+def test_upstream_refusal_reaches_the_caller_as_a_reset(mesh: Lab):
+    ip = mesh.ip("shop/backend-b")
+    out = run_in_pod(mesh, "shop/client", HALF_CLOSE_CLIENT.format(ip=ip, port=7777))
+    assert out.startswith(("RESET", "ERROR")), out
+    assert "app unreachable" in mesh.logs("ztunnel-node-b")
+
+
+def test_hbone_connect_to_a_closed_port_is_503(mesh: Lab):
+    assert probe(mesh, "ok", mesh.ip("shop/backend-b"), port="7777") == {"status": 503}
