@@ -18,9 +18,12 @@ from typing import Any
 
 import yaml
 
+from nodeproxy.routes import HTTPRoute, RouteError, parse_httproute
+
 log = logging.getLogger(__name__)
 
 CORE_API_VERSION = "v1"
+HTTPROUTE_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
 POLICY_API_VERSIONS = (
     "security.nodeproxy.io/v1",
     "security.istio.io/v1",
@@ -173,7 +176,18 @@ class Unhandled:
         return f"{self.kind}/{self.namespace}/{self.name}"
 
 
-Resource = Namespace | Pod | Service | AuthorizationPolicy | Unhandled
+@dataclass(frozen=True)
+class Route:
+    """A Gateway API HTTPRoute, already validated by :mod:`nodeproxy.routes`."""
+
+    route: HTTPRoute
+
+    @property
+    def key(self) -> str:
+        return f"HTTPRoute/{self.route.namespace}/{self.route.name}"
+
+
+Resource = Namespace | Pod | Service | AuthorizationPolicy | Route | Unhandled
 
 
 # -- field access with error context -------------------------------------------------------
@@ -326,6 +340,11 @@ def _parse_doc(doc: Any, source: str, index: int | str) -> Iterator[Resource]:
                 + ", ".join(POLICY_API_VERSIONS),
             )
         yield _policy(d, doc, name, namespace, api_version)
+    elif kind == "HTTPRoute" and api_version in HTTPROUTE_API_VERSIONS:
+        try:
+            yield Route(parse_httproute(doc))
+        except RouteError as e:
+            raise d.error(e.field, e.message) from None
     else:
         yield Unhandled(
             kind=kind, name=name, namespace=d.text(meta, "namespace", "metadata.namespace"),

@@ -35,7 +35,8 @@ from controlplane.ca import CertificateAuthority, NotAuthorized
 from controlplane.source_dir import DirectorySource
 from nodeproxy import certs, httpio, model, tlsconfig
 from nodeproxy.certs import CertError
-from nodeproxy.identity import spiffe_id
+from nodeproxy.identity import IdentityError, spiffe_id
+from nodeproxy.identity import parse as parse_identity
 from nodeproxy.telemetry.server import parse_address
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,32 @@ class TokenStore:
             if hmac.compare_digest(known.encode(), token.encode()):
                 found = node
         return found
+
+
+GATEWAY_PRINCIPAL = "gateway:"
+
+
+def may_hold(state: model.MeshState, principal: str, identity: str) -> bool:
+    """May this caller be issued ``identity``?
+
+    A node (tokens file value: the node's name) may hold the identity of an enrolled workload
+    scheduled on it, as istiod allows ztunnel's impersonation; a namespace's L7 gateway
+    (value ``gateway:NAMESPACE``) only its own identity.
+    """
+    if principal.startswith(GATEWAY_PRINCIPAL):
+        # (the CA itself refuses identities of another trust domain)
+        try:
+            wanted = parse_identity(identity)
+        except IdentityError:
+            return False
+        return (
+            wanted.namespace == principal[len(GATEWAY_PRINCIPAL) :]
+            and wanted.service_account == model.GATEWAY_SERVICE_ACCOUNT
+        )
+    return any(
+        w.identity == identity and w.node == principal and w.meshed
+        for w in state.workloads.values()
+    )
 
 
 def bearer_token(headers: dict[str, str]) -> str | None:
@@ -343,9 +370,7 @@ class DiscoveryServer:
         state = self.hub.state  # decide on one consistent state
 
         def allowed(identity: str) -> bool:
-            return any(
-                w.identity == identity and w.node == node for w in state.workloads.values()
-            )
+            return may_hold(state, node, identity)
 
         try:
             chain = self.ca.sign_csr(csr.encode(), self.config.cert_ttl, allowed)

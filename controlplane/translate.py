@@ -34,16 +34,18 @@ def translate(
     pods: dict[str, res.Pod] = {}
     services: dict[str, res.Service] = {}
     policies: dict[str, res.AuthorizationPolicy] = {}
+    routes: dict[str, res.Route] = {}
     tables: dict[type, dict] = {
         res.Namespace: namespaces,
         res.Pod: pods,
         res.Service: services,
         res.AuthorizationPolicy: policies,
+        res.Route: routes,
     }
     for r in resources:
         table = tables.get(type(r))
         if table is None:
-            continue  # Unhandled kinds are someone else's (the lab, HTTPRoutes)
+            continue  # Unhandled kinds are someone else's (the lab)
         if r.key in table:
             log.warning("duplicate resource %s: the later definition wins", r.key)
         table[r.key] = r
@@ -93,7 +95,36 @@ def translate(
     for pol in policies.values():
         p = _policy(pol)
         state.policies[p.key] = p
+    for r in routes.values():
+        state.routes[r.route.key] = r.route
+    for gw in _gateways(state, trust_domain):
+        state.gateways[gw.key] = gw
     return state
+
+
+def _gateways(state: model.MeshState, trust_domain: str) -> list[model.Gateway]:
+    """A gateway for every namespace labelled for one, once its gateway pods have addresses.
+
+    Until then the namespace is served L4-only, so labelling it never blackholes traffic.
+    """
+    out = []
+    for ns in state.namespaces.values():
+        if ns.labels.get(model.GATEWAY_LABEL) != "enabled":
+            continue
+        addresses = tuple(
+            sorted(
+                a
+                for w in state.workloads.values()
+                if w.namespace == ns.name
+                and w.labels.get(model.GATEWAY_POD_LABEL) == ns.name
+                and w.service_account == model.GATEWAY_SERVICE_ACCOUNT
+                and w.healthy
+                for a in w.addresses
+            )
+        )
+        if addresses:
+            out.append(model.Gateway(ns.name, addresses, trust_domain=trust_domain))
+    return out
 
 
 def enrolled(pod_labels: dict[str, str], namespace_labels: dict[str, str]) -> bool:

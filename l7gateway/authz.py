@@ -25,13 +25,15 @@ from dataclasses import dataclass, replace
 from nodeproxy.model import Match, Policy
 from ztunnel.policy import (
     ALLOW,
-    DENY,
     Connection,
     Decision,
-    _compile_match,
-    _Facts,
-    _facts,
-    _string_matcher,
+    Facts,
+    always,
+    compile_l4_match,
+    evaluate,
+    facts,
+    never,
+    string_matcher,
 )
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ Headers = Mapping[str, str] | Sequence[tuple[str, str]]
 
 @dataclass(frozen=True)
 class _Request:
-    facts: _Facts  # the L4 facts, in ztunnel.policy's form
+    facts: Facts  # the L4 facts, in ztunnel.policy's form
     method: str
     path: str
     headers: dict[str, list[str]]
@@ -50,12 +52,6 @@ class _Request:
 _Pred = Callable[[_Request], bool]
 
 
-def _always(_: _Request) -> bool:
-    return True
-
-
-def _never(_: _Request) -> bool:
-    return False
 
 
 def _has_l4(m: Match) -> bool:
@@ -74,7 +70,7 @@ def _has_l4(m: Match) -> bool:
 
 
 def _strings(values: Iterable[str], get: Callable[[_Request], str | None]) -> list[_Pred]:
-    ms = [_string_matcher(v) for v in values]
+    ms = [string_matcher(v) for v in values]
     return [lambda r, m=m: m(get(r)) for m in ms]
 
 
@@ -92,7 +88,7 @@ def _field(pos: list[_Pred], neg: list[_Pred]) -> _Pred | None:
 
 def _header_pred(name: str, patterns: Iterable[str]) -> _Pred:
     low = name.lower()
-    ms = [_string_matcher(p) for p in patterns]
+    ms = [string_matcher(p) for p in patterns]
 
     def pred(r: _Request) -> bool:
         values = r.headers.get(low)
@@ -108,7 +104,7 @@ def _compile_l7_match(m: Match, action: str, key: str) -> _Pred:
         preds: list[_Pred] = []
         if _has_l4(m):
             # the node proxy's own compilation of the L4 fields
-            l4 = _compile_match(
+            l4 = compile_l4_match(
                 replace(m, methods=(), not_methods=(), paths=(), not_paths=(), headers={}),
                 action,
                 key,
@@ -128,56 +124,12 @@ def _compile_l7_match(m: Match, action: str, key: str) -> _Pred:
             preds.append(_header_pred(name, tuple(patterns)))
     except (ValueError, TypeError, AttributeError) as e:
         log.error("policy %s: invalid match value (%s); failing closed", key, e)
-        return _never if action == ALLOW else _always
+        return never if action == ALLOW else always
     if not preds:
-        return _never  # an empty match matches nothing, as in ztunnel
+        return never  # an empty match matches nothing, as in ztunnel
     if len(preds) == 1:
         return preds[0]
     return lambda r: all(p(r) for p in preds)
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    key: str
-    action: str
-    rules: tuple[tuple[tuple[_Pred, ...], ...], ...]
-
-    def matches(self, r: _Request) -> bool:
-        return any(all(any(m(r) for m in clause) for clause in rule) for rule in self.rules)
-
-
-def _compile(policy: Policy) -> _Compiled:
-    action = policy.action.upper() if isinstance(policy.action, str) else ""
-    if action not in (ALLOW, DENY):
-        log.error("policy %s: unsupported action %r; denying", policy.key, policy.action)
-        return _Compiled(policy.key, DENY, (((_always,),),))
-    return _Compiled(
-        policy.key,
-        action,
-        tuple(
-            tuple(
-                tuple(_compile_l7_match(m, action, policy.key) for m in clause.matches)
-                for clause in rule.clauses
-            )
-            for rule in policy.rules
-        ),
-    )
-
-
-# Policies hold dicts (unhashable): cache by id, keeping the object alive in the entry.
-_CACHE_MAX = 4096
-_cache: dict[int, tuple[Policy, _Compiled]] = {}
-
-
-def _compiled(policy: Policy) -> _Compiled:
-    entry = _cache.get(id(policy))
-    if entry is not None and entry[0] is policy:
-        return entry[1]
-    c = _compile(policy)
-    if len(_cache) >= _CACHE_MAX:
-        _cache.clear()
-    _cache[id(policy)] = (policy, c)
-    return c
 
 
 def authorize_request(
@@ -195,20 +147,5 @@ def authorize_request(
     hdrs: dict[str, list[str]] = {}
     for k, v in items:
         hdrs.setdefault(k.lower(), []).append(v)
-    req = _Request(_facts(conn), method, path.split("?", 1)[0], hdrs)
-    allow_seen = False
-    allow_match: str | None = None
-    for policy in policies:
-        c = _compiled(policy)
-        if c.action == DENY:
-            if c.matches(req):
-                return Decision(False, c.key, f"denied by DENY policy {c.key}")
-        else:
-            allow_seen = True
-            if allow_match is None and c.matches(req):
-                allow_match = c.key
-    if not allow_seen:
-        return Decision(True, None, "no ALLOW policy applies")
-    if allow_match is not None:
-        return Decision(True, allow_match, f"allowed by policy {allow_match}")
-    return Decision(False, None, "no ALLOW policy matched")
+    req = _Request(facts(conn), method, path.split("?", 1)[0], hdrs)
+    return evaluate(policies, req, _compile_l7_match)

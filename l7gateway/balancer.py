@@ -20,6 +20,7 @@ deterministic.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -66,7 +67,7 @@ class _Stats:
     ejections: int = 0  # how many times in a row it was ejected
     ejected_until: float | None = None
     probing: bool = False  # a half-open probe is in flight
-    generation: int = 0  # bumped when the endpoint leaves, so old tokens are ignored
+    generation: int = 0  # new each time the endpoint (re)joins, so old tokens are ignored
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Balancer:
         self.panic_threshold = panic_threshold
         self._stats: dict[str, _Stats] = {}
         self._order: list[str] = []
+        self._generations = itertools.count(1)
         self.update(endpoints)
 
     # -- membership ------------------------------------------------------------------------
@@ -118,7 +120,9 @@ class Balancer:
                 del self._stats[ep]
         for ep in new:
             if ep not in self._stats:
-                self._stats[ep] = _Stats(rtt=self.default_rtt, updated=now)
+                self._stats[ep] = _Stats(
+                    rtt=self.default_rtt, updated=now, generation=next(self._generations)
+                )
         self._order = new
 
     # -- state -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ COMMANDS = {
     "controlplane": ("controlplane.main", "the control plane: discovery and CA on 15012"),
     "ztunnel": ("ztunnel.proxy", "the node proxy (one per node)"),
     "cni-agent": ("cni.agent", "the CNI node agent (one per node)"),
+    "gateway": ("l7gateway.gateway", "a namespace's L7 gateway (HTTP routing, retries, policy)"),
     "echo": ("nodeproxy.echo", "the echo app used by tests and the demo"),
 }
 

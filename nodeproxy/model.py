@@ -14,12 +14,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from nodeproxy.identity import spiffe_id
+from nodeproxy.routes import HTTPRoute
 
 TRUST_DOMAIN = "cluster.local"
 ROOT_NAMESPACE = "nodeproxy-system"
 DATAPLANE_LABEL = "nodeproxy.io/dataplane-mode"
 GATEWAY_LABEL = "nodeproxy.io/l7-gateway"
 SERVICE_CIDR = "10.96.0.0/16"
+GATEWAY_SERVICE_ACCOUNT = "nodeproxy-gateway"
+# the label the control plane (or the lab) puts on a namespace's gateway pods
+GATEWAY_POD_LABEL = "gateway.nodeproxy.io/namespace"
 
 HBONE = "HBONE"
 TCP = "TCP"
@@ -192,7 +196,30 @@ class Policy:
         return all(workload.labels.get(k) == v for k, v in self.selector.items())
 
 
-KINDS = ("namespaces", "workloads", "services", "policies")
+@dataclass(frozen=True)
+class Gateway:
+    """A namespace's L7 gateway, present in the state only once it has an address.
+
+    Node proxies send connections addressed to the namespace's services to it (HBONE, the
+    original VIP:port as authority) and refuse connections to the namespace's pods that did
+    not come through it.
+    """
+
+    namespace: str
+    addresses: tuple[str, ...] = ()
+    service_account: str = GATEWAY_SERVICE_ACCOUNT
+    trust_domain: str = TRUST_DOMAIN
+
+    @property
+    def key(self) -> str:
+        return self.namespace
+
+    @property
+    def identity(self) -> str:
+        return spiffe_id(self.trust_domain, self.namespace, self.service_account)
+
+
+KINDS = ("namespaces", "workloads", "services", "policies", "gateways", "routes")
 
 
 @dataclass
@@ -203,6 +230,8 @@ class MeshState:
     workloads: dict[str, Workload] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     policies: dict[str, Policy] = field(default_factory=dict)
+    gateways: dict[str, Gateway] = field(default_factory=dict)
+    routes: dict[str, HTTPRoute] = field(default_factory=dict)
     version: int = 0
 
     # -- lookups -------------------------------------------------------------------------
@@ -217,6 +246,22 @@ class MeshState:
             if ip in s.addresses:
                 return s
         return None
+
+    def gateway_for(self, namespace: str) -> Gateway | None:
+        """The namespace's L7 gateway, if it has one that is up."""
+        gw = self.gateways.get(namespace)
+        return gw if gw is not None and gw.addresses else None
+
+    def routes_for(self, service: Service) -> list[HTTPRoute]:
+        """HTTPRoutes whose parentRefs name this Service (any port)."""
+        return [
+            r
+            for r in self.routes.values()
+            if any(
+                p.is_service and p.name == service.name and p.namespace == service.namespace
+                for p in r.parent_refs
+            )
+        ]
 
     def workloads_on(self, node: str) -> list[Workload]:
         return [w for w in self.workloads.values() if w.node == node]
@@ -281,11 +326,15 @@ class MeshState:
             dict(self.workloads),
             dict(self.services),
             dict(self.policies),
+            dict(self.gateways),
+            dict(self.routes),
             self.version,
         )
 
 
 def to_json(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, HTTPRoute):
+        return obj.to_json()
     return asdict(obj)
 
 
@@ -302,6 +351,10 @@ def from_json(kind: str, raw: dict[str, Any]) -> Any:
         d = {k: _tuples(v) for k, v in raw.items()}
         d["ports"] = tuple(ServicePort(**p) for p in raw.get("ports", []))
         return Service(**d)
+    if kind == "gateways":
+        return Gateway(**{k: _tuples(v) for k, v in raw.items()})
+    if kind == "routes":
+        return HTTPRoute.from_json(raw)
     if kind == "policies":
         d = dict(raw)
         d["rules"] = tuple(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -359,6 +360,19 @@ def parse_httproute(doc: dict[str, Any]) -> HTTPRoute:
     except RouteError as e:
         raise RouteError(f"HTTPRoute {namespace}/{name}: {e.field}", e.message) from None
     return HTTPRoute(name, namespace, parents, hostnames, rules, ts)
+
+
+def parse_httproutes(docs: Iterable[Any]) -> tuple[list[HTTPRoute], list[RouteError]]:
+    """Parse many routes; a bad one is logged and left out (the others still apply)."""
+    good: list[HTTPRoute] = []
+    bad: list[RouteError] = []
+    for doc in docs:
+        try:
+            good.append(parse_httproute(doc))
+        except RouteError as e:
+            log.error("HTTPRoute rejected: %s", e)
+            bad.append(e)
+    return good, bad
 
 
 def _parent_ref(raw: Any, path: str, route_ns: str) -> ParentRef:

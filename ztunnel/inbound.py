@@ -11,17 +11,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
+from nodeproxy.model import MeshState, Workload
 from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.accesslog import log_connection
 from nodeproxy.telemetry.metrics import ConnectionLabels
 from nodeproxy.tlsconfig import PeerIdentityError, check_trust_domain
 from ztunnel.hbone.server import serve_hbone_connection
 from ztunnel.outbound import fmt_addr
-from ztunnel.policy import Connection
+from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters, RelayError, abort, relay
 from ztunnel.sockets import connector, original_dst
 
@@ -138,8 +140,7 @@ async def _admit(
         mtls=caller is not None,
     )
     conn = Connection(src_identity=caller, src_ip=src_ip, dst_ip=dst_ip, dst_port=dst_port)
-    policies = state.policies_for(workload) if workload else []
-    decision = proxy.authorize(policies, conn)
+    decision = admission(state, workload, pod.namespace, conn, proxy.authorize)
     entry = {
         "direction": "inbound",
         "src.addr": fmt_addr(src_ip, src_port) if src_port else src_ip,
@@ -185,7 +186,7 @@ async def _admit(
         assert plain is not None
         client = plain
     counters = Counters()
-    live = proxy.connections.add(entry, counters, policy_check=(workload, conn))
+    live = proxy.connections.add(entry, counters, policy_check=(workload, pod.namespace, conn))
     proxy.metrics.opened(labels)
     try:
         with live.cancel_scope:
@@ -206,6 +207,29 @@ async def _admit(
             bytes_recv=counters.client_to_server,
             duration=round((time.monotonic() - started) * 1000),
         )
+
+
+def admission(
+    state: MeshState,
+    workload: Workload | None,
+    namespace: str,
+    conn: Connection,
+    authorize: Callable[[list, Connection], Decision] = authorize,
+) -> Decision:
+    """May this connection reach the pod? (pure)
+
+    In a namespace with an L7 gateway only the gateway may connect, and it has already applied
+    the policies (L4 and L7) with the original caller's identity; everyone else bypassed it.
+    """
+    gateway = state.gateway_for(namespace)
+    if gateway is not None:
+        if conn.src_identity == gateway.identity:
+            return Decision(True, None, "from the namespace's L7 gateway")
+        return Decision(
+            False, None, f"bypassed the L7 gateway of namespace {namespace}"
+        )
+    policies = state.policies_for(workload) if workload else []
+    return authorize(policies, conn)
 
 
 async def _dial_app(pod: PodProxy, src_ip: str, ip: str, port: int) -> trio.SocketStream:

@@ -9,11 +9,14 @@ the source address is the pod's own and the capture rules let them through.
 from __future__ import annotations
 
 import logging
+import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
+from nodeproxy.model import Gateway, MeshState, Service, Workload
 from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.accesslog import log_connection
 from nodeproxy.telemetry.metrics import ConnectionLabels
@@ -36,6 +39,51 @@ def fmt_addr(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where one outbound connection goes (decided without IO, see :func:`plan_outbound`)."""
+
+    hbone: bool  # through an HBONE tunnel (else plain TCP passthrough)
+    address: str  # the TCP destination: an endpoint, or the L7 gateway for its namespace
+    port: int  # HBONE_PORT when hbone
+    authority: str  # ip:port the tunnel asks for (the original VIP:port through a gateway)
+    identity: str | None  # the SPIFFE id the peer must present
+    service: Service | None
+    workload: Workload | None  # the destination workload, when known
+    gateway: Gateway | None = None
+
+
+class NoEndpoint(Exception):
+    pass
+
+
+def plan_outbound(
+    state: MeshState, dst_ip: str, dst_port: int, rng: random.Random
+) -> Plan:
+    """Decide the path of a connection to dst_ip:dst_port (raises NoEndpoint)."""
+    dest = resolve_destination(state, dst_ip, dst_port)
+    if dest.service is not None:
+        gateway = state.gateway_for(dest.service.namespace)
+        if gateway is not None:
+            # a namespace with an L7 gateway: the gateway routes, we only carry the bytes
+            return Plan(
+                True, rng.choice(gateway.addresses), HBONE_PORT, fmt_addr(dst_ip, dst_port),
+                gateway.identity, dest.service, None, gateway,
+            )
+        endpoint = choose_endpoint(state, dest.service, dst_port, rng)
+        if endpoint is None:
+            raise NoEndpoint(f"service {dest.service.key} has no healthy endpoint")
+        target_ip, target_port, target = endpoint.address, endpoint.port, endpoint.workload
+    else:
+        target_ip, target_port, target = dst_ip, dst_port, dest.workload
+    authority = fmt_addr(target_ip, target_port)
+    if target is not None and target.meshed:
+        return Plan(
+            True, target_ip, HBONE_PORT, authority, target.identity, dest.service, target
+        )
+    return Plan(False, target_ip, target_port, authority, None, dest.service, target)
+
+
 async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketStream) -> None:
     """Serve one captured outbound connection to its end."""
     started = time.monotonic()
@@ -48,71 +96,65 @@ async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketSt
         return
     state = proxy.state
     source = state.workloads.get(pod.uid)
-    dest = resolve_destination(state, dst_ip, dst_port)
+    try:
+        plan = plan_outbound(state, dst_ip, dst_port, proxy.rng)
+    except NoEndpoint as exc:
+        log.info("outbound %s -> %s: %s", pod.name, fmt_addr(dst_ip, dst_port), exc)
+        service = resolve_destination(state, dst_ip, dst_port).service
+        proxy.metrics.failed(
+            ConnectionLabels.from_workloads(
+                reporter="source", source=source, source_identity=pod.identity,
+                destination=None, service=service,
+            ),
+            "UH",
+        )
+        await abort(client)
+        return
     labels = ConnectionLabels.from_workloads(
         reporter="source",
         source=source,
         source_identity=pod.identity,
-        destination=None,
-        service=dest.service,
-    )
-    target_ip, target_port, target = dst_ip, dst_port, dest.workload
-    if dest.service is not None:
-        endpoint = choose_endpoint(state, dest.service, dst_port, proxy.rng)
-        if endpoint is None:
-            log.info(
-                "outbound %s -> %s: service %s has no healthy endpoint",
-                pod.name, fmt_addr(dst_ip, dst_port), dest.service.key,
-            )
-            proxy.metrics.failed(labels, "UH")
-            await abort(client)
-            return
-        target_ip, target_port, target = endpoint.address, endpoint.port, endpoint.workload
-    labels = ConnectionLabels.from_workloads(
-        reporter="source",
-        source=source,
-        source_identity=pod.identity,
-        destination=target,
-        service=dest.service,
-        destination_identity=target.identity if target is not None and target.meshed else None,
-        mtls=target is not None and target.meshed,
+        destination=plan.workload,
+        service=plan.service,
+        destination_identity=plan.identity,
+        mtls=plan.hbone,
     )
     counters = Counters()
-    mtls = target is not None and target.meshed
     entry = {
         "direction": "outbound",
         "src.addr": fmt_addr(src_ip, src_port),
         "src.workload": pod.name,
         "src.namespace": pod.namespace,
         "src.identity": pod.identity,
-        "dst.addr": fmt_addr(target_ip, target_port),
-        "dst.hbone_addr": fmt_addr(target_ip, HBONE_PORT) if mtls else None,
-        "dst.service": dest.service.hostname if dest.service else None,
-        "dst.workload": target.name if target else None,
-        "dst.namespace": target.namespace if target else None,
-        "dst.identity": target.identity if mtls else None,
+        "dst.addr": plan.authority,
+        "dst.hbone_addr": fmt_addr(plan.address, HBONE_PORT) if plan.hbone else None,
+        "dst.service": plan.service.hostname if plan.service else None,
+        "dst.workload": plan.workload.name if plan.workload else None,
+        "dst.namespace": plan.workload.namespace if plan.workload else None,
+        "dst.identity": plan.identity,
+        "dst.gateway": plan.gateway.namespace if plan.gateway else None,
     }
     conn = proxy.connections.add(entry, counters)
     error: str | None = None
     flags = "-"
     try:
-        if mtls:
-            assert target is not None
+        if plan.hbone:
+            assert plan.identity is not None
             key = PoolKey(
-                pod.identity, frozenset({target.identity}), (target_ip, HBONE_PORT), src_ip
+                pod.identity, frozenset({plan.identity}), (plan.address, HBONE_PORT), src_ip
             )
             forwarded = f'for="{fmt_addr(src_ip, src_port)}"'
-            if dest.service is not None:
-                forwarded += f";host={dest.service.hostname}"
+            if plan.service is not None:
+                forwarded += f";host={plan.service.hostname}"
             headers = connect_headers(
-                fmt_addr(target_ip, target_port),
+                plan.authority,
                 forwarded_for=forwarded,
                 baggage=f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name}",
                 traceparent=new_traceparent(),
             )
             proxy.remember_source(src_ip, pod)
             try:
-                upstream = await proxy.pool.open(key, fmt_addr(target_ip, target_port), headers)
+                upstream = await proxy.pool.open(key, plan.authority, headers)
             except Exception as exc:  # noqa: BLE001 - every failure is logged and fails closed
                 flags, error = "CONNECT", f"hbone: {exc}"
                 proxy.metrics.failed(labels, flags)
@@ -120,9 +162,9 @@ async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketSt
                 return
         else:
             try:
-                upstream = await _dial_plain(pod, target_ip, target_port)
+                upstream = await _dial_plain(pod, plan.address, plan.port)
             except OSError as exc:
-                flags, error = "UF", f"connect {fmt_addr(target_ip, target_port)}: {exc}"
+                flags, error = "UF", f"connect {plan.authority}: {exc}"
                 proxy.metrics.failed(labels, flags)
                 await abort(client)
                 return
@@ -142,7 +184,7 @@ async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketSt
             bytes_sent=counters.client_to_server,
             bytes_recv=counters.server_to_client,
             duration=round((time.monotonic() - started) * 1000),
-            connection_security_policy="mutual_tls" if mtls else "unknown",
+            connection_security_policy="mutual_tls" if plan.hbone else "unknown",
         )
         if error:
             entry["error"] = error

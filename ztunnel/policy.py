@@ -24,6 +24,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from nodeproxy.model import Match, Policy
 
@@ -56,11 +57,11 @@ class Decision:
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (principal without spiffe://, caller namespace, source ip, destination ip, destination port)
-_Facts = tuple[str | None, str | None, _IP | None, _IP | None, int]
-_Pred = Callable[[_Facts], bool]
+Facts = tuple[str | None, str | None, _IP | None, _IP | None, int]
+_Pred = Callable[[Facts], bool]
 
 
-def _string_matcher(pattern: str) -> Callable[[str | None], bool]:
+def string_matcher(pattern: str) -> Callable[[str | None], bool]:
     """Istio's string match: ``*`` any non-empty, ``pre*`` prefix, ``*suf`` suffix, else exact.
 
     ``None`` (no identity) never matches.
@@ -89,7 +90,7 @@ def _any_net(nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network], ip: _IP 
 def _field(
     positive: list[Callable[[object], bool]] | None,
     negative: list[Callable[[object], bool]] | None,
-    get: Callable[[_Facts], object],
+    get: Callable[[Facts], object],
 ) -> _Pred | None:
     """A field predicate: any positive value matches and no negative value does."""
     if not positive and not negative:
@@ -97,7 +98,7 @@ def _field(
     pos = positive or []
     neg = negative or []
 
-    def pred(facts: _Facts) -> bool:
+    def pred(facts: Facts) -> bool:
         v = get(facts)
         if pos and not any(p(v) for p in pos):
             return False
@@ -106,23 +107,23 @@ def _field(
     return pred
 
 
-def _always(_: _Facts) -> bool:
+def always(_: Facts) -> bool:
     return True
 
 
-def _never(_: _Facts) -> bool:
+def never(_: Facts) -> bool:
     return False
 
 
-def _compile_match(m: Match, action: str, policy_key: str) -> _Pred:
+def compile_l4_match(m: Match, action: str, policy_key: str) -> _Pred:
     if action == ALLOW and m.has_l7:
         # fail closed: an allow that depends on HTTP attributes cannot be proven at L4
-        return _never
+        return never
     try:
         preds: list[_Pred] = []
 
         def strings(values: tuple[str, ...]) -> list[Callable[[object], bool]]:
-            return [_string_matcher(v) for v in values]  # type: ignore[misc]
+            return [string_matcher(v) for v in values]  # type: ignore[misc]
 
         def nets(values: tuple[str, ...]) -> list[Callable[[object], bool]]:
             parsed = [_network(v) for v in values]
@@ -145,26 +146,28 @@ def _compile_match(m: Match, action: str, policy_key: str) -> _Pred:
     except (ValueError, TypeError) as e:
         # A value we cannot understand: an ALLOW must not widen, a DENY must not narrow.
         log.error("policy %s: invalid match value (%s); failing closed", policy_key, e)
-        return _never if action == ALLOW else _always
+        return never if action == ALLOW else always
 
     if not preds:
         if m.has_l7:
             # DENY with only L7 fields: ignoring them leaves a match that covers everything
-            return _always
+            return always
         # ztunnel skips an empty match: it matches nothing
-        return _never
+        return never
     if len(preds) == 1:
         return preds[0]
     return lambda facts: all(p(facts) for p in preds)
 
 
 @dataclass(frozen=True)
-class _Compiled:
+class CompiledPolicy:
+    """A policy turned into predicates over "facts" (L4 facts here, a request at L7)."""
+
     key: str
     action: str  # ALLOW | DENY
-    rules: tuple[tuple[tuple[_Pred, ...], ...], ...]  # rules → clauses → matches
+    rules: tuple[tuple[tuple[Callable[[Any], bool], ...], ...], ...]  # rules → clauses → matches
 
-    def matches(self, facts: _Facts) -> bool:
+    def matches(self, facts: Any) -> bool:
         for rule in self.rules:
             # all clauses must hold; a clause holds when any of its matches does
             if all(any(m(facts) for m in clause) for clause in rule):
@@ -172,37 +175,63 @@ class _Compiled:
         return False
 
 
-def _compile(policy: Policy) -> _Compiled:
+MatchCompiler = Callable[[Match, str, str], Callable[[Any], bool]]
+
+
+def compile_policy(policy: Policy, compile_match: MatchCompiler) -> CompiledPolicy:
     action = policy.action.upper() if isinstance(policy.action, str) else ""
     if action not in (ALLOW, DENY):
         # unknown action: treat as a DENY of everything rather than silently ignore it
         log.error("policy %s: unsupported action %r; denying", policy.key, policy.action)
-        return _Compiled(policy.key, DENY, (((_always,),),))
+        return CompiledPolicy(policy.key, DENY, (((always,),),))
     rules = tuple(
         tuple(
-            tuple(_compile_match(m, action, policy.key) for m in clause.matches)
+            tuple(compile_match(m, action, policy.key) for m in clause.matches)
             for clause in rule.clauses
         )
         for rule in policy.rules
     )
-    return _Compiled(policy.key, action, rules)
+    return CompiledPolicy(policy.key, action, rules)
 
 
 # Policies hold dicts, so they are not hashable: cache by object id, keeping the object
 # alive in the entry so the id cannot be reused while the entry exists.
 _CACHE_MAX = 4096
-_cache: dict[int, tuple[Policy, _Compiled]] = {}
+_cache: dict[tuple[int, MatchCompiler], tuple[Policy, CompiledPolicy]] = {}
 
 
-def compiled(policy: Policy) -> _Compiled:
-    entry = _cache.get(id(policy))
+def compiled(policy: Policy, compile_match: MatchCompiler | None = None) -> CompiledPolicy:
+    compile_match = compile_match or compile_l4_match
+    key = (id(policy), compile_match)
+    entry = _cache.get(key)
     if entry is not None and entry[0] is policy:
         return entry[1]
-    c = _compile(policy)
+    c = compile_policy(policy, compile_match)
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()  # state churn: start over rather than track recency
-    _cache[id(policy)] = (policy, c)
+    _cache[key] = (policy, c)
     return c
+
+
+def evaluate(policies: Iterable[Policy], facts: Any, compile_match: MatchCompiler) -> Decision:
+    """ztunnel's order: any DENY match denies; no ALLOW policy allows; an ALLOW match allows;
+    otherwise deny."""
+    allow_seen = False
+    allow_match: str | None = None
+    for policy in policies:
+        c = compiled(policy, compile_match)
+        if c.action == DENY:
+            if c.matches(facts):
+                return Decision(False, c.key, f"denied by DENY policy {c.key}")
+        else:
+            allow_seen = True
+            if allow_match is None and c.matches(facts):
+                allow_match = c.key
+    if not allow_seen:
+        return Decision(True, None, "no ALLOW policy applies")
+    if allow_match is not None:
+        return Decision(True, allow_match, f"allowed by policy {allow_match}")
+    return Decision(False, None, "no ALLOW policy matched")
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -218,7 +247,7 @@ def _ip(value: str) -> _IP | None:
     return ip
 
 
-def _facts(conn: Connection) -> _Facts:
+def facts(conn: Connection) -> Facts:
     principal: str | None = None
     namespace: str | None = None
     ident = conn.src_identity
@@ -239,20 +268,4 @@ def authorize(policies: Iterable[Policy], conn: Connection) -> Decision:
     ``policies`` are those that apply to the destination workload
     (``MeshState.policies_for``). Never raises on bad policy content: it fails closed.
     """
-    facts = _facts(conn)
-    allow_seen = False
-    allow_match: str | None = None
-    for policy in policies:
-        c = compiled(policy)
-        if c.action == DENY:
-            if c.matches(facts):
-                return Decision(False, c.key, f"denied by DENY policy {c.key}")
-        else:
-            allow_seen = True
-            if allow_match is None and c.matches(facts):
-                allow_match = c.key
-    if not allow_seen:
-        return Decision(True, None, "no ALLOW policy applies")
-    if allow_match is not None:
-        return Decision(True, allow_match, f"allowed by policy {allow_match}")
-    return Decision(False, None, "no ALLOW policy matched")
+    return evaluate(policies, facts(conn), compile_l4_match)

@@ -27,6 +27,7 @@ from nodeproxy.telemetry.metrics import ProxyMetrics
 from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
 from nodeproxy.tlsconfig import check_peer
 from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.inbound import admission
 from ztunnel.inpod.channel import PodInfo, run_channel
 from ztunnel.podproxy import PodProxy
 from ztunnel.policy import Connection, Decision, authorize
@@ -45,7 +46,7 @@ class LiveConnection:
     entry: dict[str, Any]
     counters: Counters
     started: float
-    policy_check: tuple[Workload | None, Connection] | None = None
+    policy_check: tuple[Workload | None, str, Connection] | None = None
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def describe(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class ConnectionRegistry:
         self,
         entry: dict[str, Any],
         counters: Counters,
-        policy_check: tuple[Workload | None, Connection] | None = None,
+        policy_check: tuple[Workload | None, str, Connection] | None = None,
     ) -> LiveConnection:
         conn = LiveConnection(next(self._ids), entry, counters, time.monotonic(), policy_check)
         self.live[conn.id] = conn
@@ -196,10 +197,9 @@ class NodeProxy:
         for conn in list(self.connections.live.values()):
             if conn.policy_check is None:
                 continue
-            workload, c = conn.policy_check
+            workload, namespace, c = conn.policy_check
             current = state.workloads.get(workload.uid) if workload else None
-            policies = state.policies_for(current) if current else []
-            decision = self.authorize(policies, c)
+            decision = admission(state, current, namespace, c, self.authorize)
             if not decision.allowed:
                 log.info("closing connection %s: %s", conn.id, decision.reason)
                 conn.cancel_scope.cancel()

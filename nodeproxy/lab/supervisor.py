@@ -30,7 +30,12 @@ import yaml
 
 from nodeproxy import netns as netns_mod
 from nodeproxy.lab import cniruntime, network
-from nodeproxy.lab.components import ComponentSpec, component_specs, conflist
+from nodeproxy.lab.components import (
+    ComponentSpec,
+    component_specs,
+    conflist,
+    controlplane_address,
+)
 from nodeproxy.lab.paths import CNI_PLUGINS_DIR, LabPaths, venv_bin
 from nodeproxy.lab.spec import (
     BRIDGE,
@@ -48,6 +53,7 @@ from nodeproxy.lab.spec import (
     namespace_resource,
     node_netns,
     parse_lab,
+    parse_pod,
     parse_resources,
     pod_netns,
     pod_resource,
@@ -56,7 +62,12 @@ from nodeproxy.lab.spec import (
     service_resource,
     underlay_netns,
 )
-from nodeproxy.model import DATAPLANE_LABEL
+from nodeproxy.model import (
+    DATAPLANE_LABEL,
+    GATEWAY_LABEL,
+    GATEWAY_POD_LABEL,
+    GATEWAY_SERVICE_ACCOUNT,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +197,8 @@ class Supervisor:
         self.nursery: trio.Nursery | None = None
         self._created_ns: list[str] = []
         self._made_etc: set[str] = set()
+        self.node_tokens: dict[str, str] = {}
+        self.gateway_tokens: dict[str, str] = {}  # namespace → token
 
     # -- status -------------------------------------------------------------------------
     def ambient(self, namespace: str) -> bool:
@@ -334,8 +347,85 @@ class Supervisor:
             tf.write_text(token + "\n")
             tf.chmod(0o600)
             nd.chmod(0o700)
-        p.tokens.write_text(yaml.safe_dump(tokens))
-        p.tokens.chmod(0o600)
+        self.node_tokens = tokens
+        self.write_tokens()
+
+    def write_tokens(self) -> None:
+        """Node tokens (value: node name) and gateway tokens (value: ``gateway:NS``)."""
+        tokens = dict(self.node_tokens)
+        tokens.update({t: f"gateway:{ns}" for ns, t in self.gateway_tokens.items()})
+        tmp = self.paths.tokens.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(tokens))
+        tmp.chmod(0o600)
+        tmp.replace(self.paths.tokens)
+
+    # -- L7 gateways (the control plane's "declare a gateway" played by the lab) ---------
+    def gateway_wanted(self, namespace: str) -> bool:
+        doc = self.res.namespaces.get(namespace) or {}
+        labels = (doc.get("metadata") or {}).get("labels") or {}
+        return self.spec.mesh and labels.get(GATEWAY_LABEL) == "enabled"
+
+    def gateway_pod(self, namespace: str) -> Pod:
+        token_file = self.paths.root / "gateways" / namespace / "token"
+        node = self.spec.nodes[sum(map(ord, namespace)) % len(self.spec.nodes)].name
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": GATEWAY_SERVICE_ACCOUNT,
+                "namespace": namespace,
+                "labels": {
+                    "app": GATEWAY_SERVICE_ACCOUNT,
+                    GATEWAY_POD_LABEL: namespace,
+                    # the gateway terminates HBONE itself: its pod is not captured
+                    DATAPLANE_LABEL: "none",
+                },
+            },
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": GATEWAY_SERVICE_ACCOUNT,
+                "containers": [{
+                    "name": "gateway",
+                    "command": [
+                        "nodeproxy", "gateway", "--namespace", namespace,
+                        "--controlplane", controlplane_address(),
+                        "--ca-root", str(self.paths.ca_root),
+                        "--token-file", str(token_file),
+                    ],
+                }],
+            },
+        }
+        return parse_pod(doc, f"gateway of namespace {namespace}")
+
+    async def reconcile_gateways(self) -> list[str]:
+        """Start a gateway pod for every labelled namespace, stop the ones no longer wanted."""
+        changed = []
+        for ns in sorted(self.res.namespaces):
+            key = f"{ns}/{GATEWAY_SERVICE_ACCOUNT}"
+            running = key in self.pods
+            if self.gateway_wanted(ns) and not running:
+                token_file = self.paths.root / "gateways" / ns / "token"
+                token_file.parent.mkdir(parents=True, exist_ok=True)
+                token = secrets.token_urlsafe(32)
+                token_file.write_text(token + "\n")
+                token_file.chmod(0o600)
+                self.gateway_tokens[ns] = token
+                self.write_tokens()
+                pod = self.gateway_pod(ns)
+                self.res.pods[key] = pod
+                ps = self.new_pod_state(pod)
+                self.write_resource(pod_resource(pod, ps.uid))
+                await self.start_pod(ps)
+                changed.append(f"gateway/{ns}")
+            elif running and not self.gateway_wanted(ns):
+                ps = self.pods.pop(key)
+                await self.stop_pod(ps)
+                self.res.pods.pop(key, None)
+                self.remove_resource("Pod", ns, GATEWAY_SERVICE_ACCOUNT)
+                self.gateway_tokens.pop(ns, None)
+                self.write_tokens()
+                changed.append(f"gateway/{ns} removed")
+        return changed
 
     async def build_network(self) -> None:
         prefix = self.paths.prefix
@@ -439,6 +529,7 @@ class Supervisor:
             self.set_step("starting pods")
             for ps in list(self.pods.values()):
                 await self.start_pod(ps)
+            await self.reconcile_gateways()
             await self.refresh_services()
             self.phase = "running"
             self.set_step("running")
@@ -634,6 +725,7 @@ class Supervisor:
                 await self.refresh_services()
             changed.append(f"pod/{key}")
         self.ensure_namespaces()
+        changed += await self.reconcile_gateways()
         await self.refresh_services()
         self.save_status()
         return {"changed": changed}
@@ -675,7 +767,7 @@ class Supervisor:
         self.save_status()
         return {"deleted": f"{kind}/{ref}"}
 
-    def label(self, namespace: str, changes: list[str]) -> dict[str, Any]:
+    async def label(self, namespace: str, changes: list[str]) -> dict[str, Any]:
         doc = self.res.namespaces.get(namespace)
         if doc is None:
             raise LabError(f"namespace {namespace} not found")
@@ -690,8 +782,10 @@ class Supervisor:
                 raise LabError(f"bad label change {ch!r}: use key=value or key-")
         doc["metadata"]["labels"] = labels
         self.write_resource(doc)
+        changed = await self.reconcile_gateways()
+        await self.refresh_services()
         self.save_status()
-        return {"labels": labels}
+        return {"labels": labels, "changed": changed}
 
     async def restart(self, name: str) -> dict[str, Any]:
         assert self.nursery is not None
@@ -754,7 +848,10 @@ class Supervisor:
             if op == "delete":
                 return {"ok": True, **await self.delete(str(req["kind"]), str(req["ref"]))}
             if op == "label":
-                return {"ok": True, **self.label(str(req["namespace"]), list(req["changes"]))}
+                return {
+                    "ok": True,
+                    **await self.label(str(req["namespace"]), list(req["changes"])),
+                }
             if op == "restart":
                 return {"ok": True, **await self.restart(str(req["component"]))}
             if op == "capture":

@@ -24,6 +24,7 @@ from nodeproxy.routes import (
     format_duration,
     parse_duration,
     parse_httproute,
+    parse_httproutes,
 )
 
 FULL = {
@@ -302,3 +303,11 @@ def test_parsing_does_not_mutate_the_input():
     doc = copy.deepcopy(FULL)
     parse_httproute(doc)
     assert doc == FULL
+
+
+def test_parse_many_skips_and_logs_bad_routes(caplog):
+    bad = route_doc(matches=[{"method": "FETCH"}])
+    good, errors = parse_httproutes([FULL, bad, "junk"])
+    assert [r.key for r in good] == ["shop/echo-route"]
+    assert len(errors) == 2
+    assert "unknown method" in caplog.text
