@@ -49,12 +49,22 @@ def parse_query(target: str) -> dict[str, str]:
 
 
 def reply_for(
-    request: h11.Request, body_bytes: int, peer: str, pod: str, namespace: str, port: int
+    request: h11.Request,
+    body_bytes: int,
+    peer: str,
+    pod: str,
+    namespace: str,
+    port: int,
+    default_status: int = 200,
 ) -> tuple[int, float, bytes]:
-    """(status, delay, JSON body) for one request: the sans-IO core of the app."""
+    """(status, delay, JSON body) for one request: the sans-IO core of the app.
+
+    ``default_status`` is what a pod started with ``--fail-status`` answers to everything
+    (a broken replica, for retry and ejection tests).
+    """
     target = request.target.decode("latin-1")
     q = parse_query(target)
-    status = 200
+    status = default_status
     delay = 0.0
     pad = 0
     errors = []
@@ -111,8 +121,9 @@ def _reason(status: int) -> bytes:
 
 
 class Echo:
-    def __init__(self, name: str, namespace: str) -> None:
+    def __init__(self, name: str, namespace: str, fail_status: int | None = None) -> None:
         self.name, self.namespace = name, namespace
+        self.default_status = fail_status or 200
 
     async def handle(self, port: int, stream: trio.SocketStream) -> None:
         try:
@@ -169,7 +180,7 @@ class Echo:
             if request is None:
                 return
             status, delay, body = reply_for(request, body_bytes, peer, self.name,
-                                            self.namespace, port)
+                                            self.namespace, port, self.default_status)
             if delay:
                 await trio.sleep(delay)
             headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
@@ -234,9 +245,10 @@ class Echo:
 
 
 async def serve(ports: list[int], name: str, namespace: str, host: str = "",
-                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: Any = trio.TASK_STATUS_IGNORED,
+                fail_status: int | None = None) -> None:
     """Listen on every port; ``task_status.started`` gets the bound ports (0 picks one)."""
-    app = Echo(name, namespace)
+    app = Echo(name, namespace, fail_status)
     bound = []
     async with trio.open_nursery() as nursery:
         for port in ports:
@@ -257,12 +269,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="port to listen on (repeat for several; default 8080)")
     p.add_argument("--name", help="name to report (default: $POD_NAME or the host name)")
     p.add_argument("--host", default="", help="address to bind (default: all)")
+    p.add_argument("--fail-status", type=int, metavar="CODE",
+                   help="answer every HTTP request with this status (a broken replica)")
     args = p.parse_args(argv)
+    if args.fail_status is not None and not 200 <= args.fail_status <= 599:
+        p.error("--fail-status must be an HTTP status (200-599)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     name = args.name or os.environ.get("POD_NAME") or os.uname().nodename
     namespace = os.environ.get("POD_NAMESPACE", "")
     try:
-        trio.run(serve, args.port or [8080], name, namespace, args.host)
+        trio.run(
+            partial(serve, fail_status=args.fail_status),
+            args.port or [8080], name, namespace, args.host,
+        )
     except KeyboardInterrupt:
         return 0
     except OSError as e:

@@ -84,3 +84,15 @@ async def test_raw_tcp_is_echoed_and_bad_http_gets_400_without_killing_the_serve
             status, _, _ = await _read_response(ok)
             assert status == b"HTTP/1.1 200 OK"
         nursery.cancel_scope.cancel()
+
+
+def test_a_broken_replica_answers_every_request_with_its_fail_status():
+    import h11
+
+    from nodeproxy.echo import reply_for
+
+    req = h11.Request(method="GET", target="/x", headers=[("host", "a")])
+    assert reply_for(req, 0, "1.2.3.4:5", "p", "ns", 80, default_status=503)[0] == 503
+    asked = h11.Request(method="GET", target="/x?status=200", headers=[("host", "a")])
+    assert reply_for(asked, 0, "1.2.3.4:5", "p", "ns", 80, default_status=503)[0] == 200
+    assert reply_for(req, 0, "1.2.3.4:5", "p", "ns", 80)[0] == 200
