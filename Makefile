@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := iptables iproute2 containernetworking-plugins curl tcpdump procps \
+APT_PACKAGES := iptables iproute2 containernetworking-plugins curl tcpdump procps systemd openssl libcap2-bin \
 	python3-venv nginx-light iperf3 wrk nghttp2-client stunnel4 haproxy
 STAMP := $(VENV)/.installed
 

@@ -12,6 +12,7 @@ COMMANDS = {
     "ztunnel": ("ztunnel.proxy", "the node proxy (one per node)"),
     "cni-agent": ("cni.agent", "the CNI node agent (one per node)"),
     "gateway": ("l7gateway.gateway", "a namespace's L7 gateway (HTTP routing, retries, policy)"),
+    "cni-install": ("cni.install", "install and repair the chained CNI plugin in a node's config"),
     "echo": ("nodeproxy.echo", "the echo app used by tests and the demo"),
 }
 
