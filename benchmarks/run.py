@@ -141,6 +141,7 @@ def _measure(lab: BenchLab, case: cases.Case, mode: cases.Mode, figures: list[st
         "paths": [{"name": p.name, "label": p.label} for p in paths],
         "metrics": cases.summarize(samples, cases.metrics_for(chosen, mode), names),
         "errors": samples.errors,
+        "notes": samples.notes,
     }
 
 

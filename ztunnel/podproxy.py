@@ -49,6 +49,7 @@ class PodProxy:
         self.identity = spiffe_id(trust_domain, namespace, service_account)
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
+        self._listeners: list[trio.SocketListener] = []
 
     def describe(self) -> dict[str, object]:
         return {
@@ -75,6 +76,7 @@ class PodProxy:
 
         socks = await in_netns(self.netns_fd, bind_all)
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+        self._listeners = listeners
         handlers: list[Handler] = [handle_outbound, handle_plaintext, handle_hbone]
         nursery.start_soon(self._serve, proxy, list(zip(listeners, handlers, strict=True)))
 
@@ -121,6 +123,11 @@ class PodProxy:
         except Exception:
             log.exception("pod %s/%s: connection handler failed", self.namespace, self.name)
             await trio.aclose_forcefully(stream)
+
+    async def stop_listening(self) -> None:
+        """Accept nothing new; connections already here carry on (draining)."""
+        for lst in self._listeners:
+            await lst.aclose()
 
     async def stop(self) -> None:
         self._scope.cancel()

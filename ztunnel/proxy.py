@@ -12,6 +12,8 @@ import itertools
 import logging
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +260,18 @@ class NodeProxy:
 
         return {"/metrics": metrics, "/stats/prometheus": metrics}
 
+    async def drain(self, grace: float) -> None:
+        """Stop taking connections, tell tunnel peers (GOAWAY), let live ones finish."""
+        log.info("draining: %d live connections, up to %.0f s", len(self.connections.live), grace)
+        self.readiness.set("draining", False, "shutting down")
+        for pod in list(self.pods.values()):
+            await pod.stop_listening()
+        with trio.move_on_after(grace):
+            await self.pool.aclose(grace=grace)
+            while self.connections.live:
+                await trio.sleep(0.2)
+        log.info("drained (%d connections left)", len(self.connections.live))
+
     async def run(
         self,
         agent_socket: str,
@@ -265,6 +279,7 @@ class NodeProxy:
         admin: str,
         metrics: str,
         ready: str,
+        drain_seconds: float = 20.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         from nodeproxy.telemetry.server import readiness_route
@@ -281,7 +296,16 @@ class NodeProxy:
             )
             nursery.start_soon(self.follow_state)
             await nursery.start(run_channel, agent_socket, self)
+            nursery.start_soon(self._on_signals, nursery, drain_seconds)
             task_status.started()
+
+    async def _on_signals(self, nursery: trio.Nursery, drain_seconds: float) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("signal %s: shutting down", signal.Signals(sig).name)
+                await self.drain(drain_seconds)
+                nursery.cancel_scope.cancel()
+                return
 
 
 def main(argv: list[str]) -> int:
@@ -294,19 +318,34 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--admin", default="127.0.0.1:15000")
     parser.add_argument("--metrics", default="0.0.0.0:15020")
     parser.add_argument("--ready", default="0.0.0.0:15021")
+    parser.add_argument(
+        "--drain-seconds", type=float, default=20.0,
+        help="on SIGTERM, how long live connections may take to finish",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    roots = args.ca_root.read_bytes()
-    token = args.token_file.read_text().strip()
+    try:
+        roots = args.ca_root.read_bytes()
+        token = args.token_file.read_text().strip()
+    except OSError as exc:
+        print(f"nodeproxy ztunnel: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if not token:
+        print(f"nodeproxy ztunnel: {args.token_file} is empty", file=sys.stderr)
+        return 2
     discovery = DiscoveryClient(args.controlplane, roots, token)
     certs = CertificateManager(discovery.sign, roots)
     proxy = NodeProxy(args.node, discovery, certs)
     try:
         trio.run(
             lambda: proxy.run(
-                args.agent_socket, admin=args.admin, metrics=args.metrics, ready=args.ready
+                args.agent_socket,
+                admin=args.admin,
+                metrics=args.metrics,
+                ready=args.ready,
+                drain_seconds=args.drain_seconds,
             )
         )
     except KeyboardInterrupt:

@@ -67,7 +67,12 @@ async def relay(
             while True:
                 data = await src.receive_some(CHUNK)
                 if not data:
-                    await dst.send_eof()
+                    try:
+                        await dst.send_eof()
+                    except _BROKEN:
+                        # the other side already closed (ENOTCONN/EPIPE): nothing left to
+                        # tell it; the other direction ends on its own
+                        pass
                     return
                 await dst.send_all(data)
                 if upstream:

@@ -85,6 +85,8 @@ def component_specs(spec: LabSpec, paths: LabPaths) -> list[ComponentSpec]:
                 nodeproxy_cmd(
                     "ztunnel", *common,
                     "--agent-socket", str(paths.ztunnel_socket(n.name)),
+                    # drain within the supervisor's stop grace (5 s) before it kills
+                    "--drain-seconds", "3",
                 ),
                 n.name,
             )
