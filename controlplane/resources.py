@@ -2,9 +2,10 @@
 
 ``parse_documents`` reads a multi-document YAML text and returns one typed resource per
 document: :class:`Namespace`, :class:`Pod`, :class:`Service`, :class:`AuthorizationPolicy`,
-or :class:`Unhandled` for kinds this module does not interpret (``Lab``, ``HTTPRoute``…).
-Anything malformed raises :class:`ResourceError` naming the source, the document index and
-the field; no other exception escapes a parse. Pure: no IO except :func:`parse_file`.
+:class:`WorkloadEntry` (a VM), :class:`Route`, or :class:`Unhandled` for kinds this module
+does not interpret (``Lab``…). Anything malformed raises :class:`ResourceError` naming the
+source, the document index and the field; no other exception escapes a parse. Pure: no IO
+except :func:`parse_file`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ POLICY_API_VERSIONS = (
     "security.istio.io/v1beta1",
 )
 POLICY_ACTIONS = ("ALLOW", "DENY")
+WORKLOADENTRY_API_VERSIONS = ("networking.nodeproxy.io/v1alpha1",)
 SERVICE_PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 
@@ -162,6 +164,29 @@ class AuthorizationPolicy:
 
 
 @dataclass(frozen=True)
+class WorkloadEntry:
+    """A VM (or any host outside Kubernetes) that is one workload of the mesh.
+
+    Shaped like Istio's ``WorkloadEntry``, plus ``spec.node``: the node name the VM's own node
+    proxy authenticates as (its token), which the CA requires to issue the VM's identity.
+    Labels are ``metadata.labels`` overlaid with ``spec.labels`` (Istio's field).
+    """
+
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    address: str = ""
+    service_account: str = "default"
+    node: str = ""
+    ports: dict[str, int] = field(default_factory=dict)  # name → port (named target ports)
+    kind: str = "WorkloadEntry"
+
+    @property
+    def key(self) -> str:
+        return f"WorkloadEntry/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
 class Unhandled:
     """A well-formed resource of a kind this module does not interpret; ``raw`` is kept."""
 
@@ -187,7 +212,7 @@ class Route:
         return f"HTTPRoute/{self.route.namespace}/{self.route.name}"
 
 
-Resource = Namespace | Pod | Service | AuthorizationPolicy | Route | Unhandled
+Resource = Namespace | Pod | Service | AuthorizationPolicy | WorkloadEntry | Route | Unhandled
 
 
 # -- field access with error context -------------------------------------------------------
@@ -302,6 +327,17 @@ def parse_documents(text: str, source: str = "<string>") -> list[Resource]:
         raise ResourceError(source, None, "", f"cannot parse: {type(e).__name__}: {e}") from e
 
 
+def parse_object(obj: Any, source: str) -> list[Resource]:
+    """One already-decoded object (from the Kubernetes API) → resources; only
+    :class:`ResourceError` escapes."""
+    try:
+        return list(_parse_doc(obj, source, None))  # type: ignore[arg-type]
+    except ResourceError:
+        raise
+    except Exception as e:  # the contract is "only ResourceError escapes"
+        raise ResourceError(source, None, "", f"cannot parse: {type(e).__name__}: {e}") from e
+
+
 def _parse_all(text: str, source: str) -> Iterator[Resource]:
     for index, doc in enumerate(yaml.safe_load_all(text)):
         if doc is None:
@@ -340,6 +376,14 @@ def _parse_doc(doc: Any, source: str, index: int | str) -> Iterator[Resource]:
                 + ", ".join(POLICY_API_VERSIONS),
             )
         yield _policy(d, doc, name, namespace, api_version)
+    elif kind == "WorkloadEntry":
+        if api_version not in WORKLOADENTRY_API_VERSIONS:
+            raise d.error(
+                "apiVersion",
+                f"WorkloadEntry apiVersion {api_version!r} is not one of "
+                + ", ".join(WORKLOADENTRY_API_VERSIONS),
+            )
+        yield _workload_entry(d, doc, meta, name, namespace)
     elif kind == "HTTPRoute" and api_version in HTTPROUTE_API_VERSIONS:
         try:
             yield Route(parse_httproute(doc))
@@ -392,6 +436,39 @@ def _pod(d: _Doc, doc: dict, meta: dict, name: str, namespace: str) -> Pod:
         pod_ip=pod_ip,
         pod_ips=tuple(pod_ips),
         phase=d.text(status, "phase", "status.phase"),
+    )
+
+
+# Istio WorkloadEntry fields that mean nothing here but are harmless; anything else unknown in
+# spec is an error (a typo in ``serviceAccount`` must not silently give the VM ``default``)
+_WORKLOADENTRY_FIELDS = {"address", "serviceAccount", "node", "ports", "labels"}
+_WORKLOADENTRY_IGNORED = {"network", "locality", "weight"}
+
+
+def _workload_entry(d: _Doc, doc: dict, meta: dict, name: str, namespace: str) -> WorkloadEntry:
+    spec = d.mapping(doc, "spec", "spec", required=True)
+    unknown = set(spec) - _WORKLOADENTRY_FIELDS - _WORKLOADENTRY_IGNORED
+    if unknown:
+        raise d.error("spec", f"unknown field(s) {sorted(map(str, unknown))}")
+    if spec.get("address") is None:
+        raise d.error("spec.address", "is required")
+    address = d.ip(spec["address"], "spec.address")
+    node = d.text(spec, "node", "spec.node", required=True)
+    ports: dict[str, int] = {}
+    for pname, port in d.mapping(spec, "ports", "spec.ports").items():
+        if not isinstance(pname, str) or not pname:
+            raise d.error("spec.ports", f"port name {pname!r} must be a non-empty string")
+        ports[pname] = d.port(port, f"spec.ports.{pname}")
+    labels = d.text_map(meta, "labels", "metadata.labels")
+    labels.update(d.text_map(spec, "labels", "spec.labels"))
+    return WorkloadEntry(
+        name=name,
+        namespace=namespace,
+        labels=labels,
+        address=address,
+        service_account=d.text(spec, "serviceAccount", "spec.serviceAccount") or "default",
+        node=node,
+        ports=ports,
     )
 
 

@@ -25,13 +25,17 @@ import ssl
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 import yaml
 
 from controlplane.admin import ControlPlaneMetrics, serve_admin
 from controlplane.ca import CertificateAuthority, NotAuthorized
+from controlplane.kube.client import KubeClient, KubeConfig
+from controlplane.kube.publish import GatewayTemplate, Publisher
+from controlplane.kube.source import KubeSource
+from controlplane.kube.tokenreview import NODE_SERVICE_ACCOUNT, TokenReviewAuthenticator
 from controlplane.source_dir import DirectorySource
 from nodeproxy import certs, httpio, model, tlsconfig
 from nodeproxy.certs import CertError
@@ -53,9 +57,9 @@ def controlplane_identity(trust_domain: str) -> str:
 
 @dataclass
 class ServerConfig:
-    resources: Path
+    resources: Path | None
     state_dir: Path
-    tokens: Path
+    tokens: Path | None
     listen: str = "0.0.0.0:15012"
     admin: str | None = "0.0.0.0:15014"
     trust_domain: str = model.TRUST_DOMAIN
@@ -66,6 +70,15 @@ class ServerConfig:
     request_timeout: float = 10.0
     # a subscriber that cannot take one message in this long is dropped
     send_timeout: float = 30.0
+    # "dir": the YAML directory `resources`; "kube": the Kubernetes API (`kube`)
+    source: str = "dir"
+    kube: KubeConfig | None = None
+    # who may authenticate by TokenReview (source "kube"): (namespace, service account)
+    kube_node_service_accounts: tuple[tuple[str, str], ...] = (NODE_SERVICE_ACCOUNT,)
+    # the gateway template (file or mounted ConfigMap dir); None: the built-in one
+    gateway_template: Path | None = None
+    gateway_image: str | None = None
+    gateway_controlplane: str | None = None
 
 
 @dataclass
@@ -76,7 +89,7 @@ class Running:
     admin_port: int | None
     root_pem: bytes
     hub: StateHub
-    source: DirectorySource
+    source: DirectorySource | KubeSource
     server: DiscoveryServer = field(repr=False)
 
 
@@ -130,6 +143,9 @@ class TokenStore:
         self._stamp, self._tokens, self.error = stamp, tokens, None
         log.info("loaded %d node tokens from %s", len(tokens), self.path)
 
+    async def principal_for(self, token: str) -> str | None:
+        return self.node_for(token)
+
     def node_for(self, token: str) -> str | None:
         self.reload()
         found = None
@@ -138,6 +154,24 @@ class TokenStore:
             if hmac.compare_digest(known.encode(), token.encode()):
                 found = node
         return found
+
+
+class Authenticator(Protocol):
+    async def principal_for(self, token: str) -> str | None: ...
+
+
+class FirstOf:
+    """The first authenticator that knows the token (the tokens file, then TokenReview)."""
+
+    def __init__(self, *authenticators: Authenticator):
+        self.authenticators = authenticators
+
+    async def principal_for(self, token: str) -> str | None:
+        for auth in self.authenticators:
+            principal = await auth.principal_for(token)
+            if principal is not None:
+                return principal
+        return None
 
 
 GATEWAY_PRINCIPAL = "gateway:"
@@ -233,7 +267,7 @@ class DiscoveryServer:
         config: ServerConfig,
         ca: CertificateAuthority,
         hub: StateHub,
-        tokens: TokenStore,
+        tokens: Authenticator,
         metrics: ControlPlaneMetrics,
     ):
         self.config = config
@@ -289,7 +323,10 @@ class DiscoveryServer:
         if req is None:
             return
         token = bearer_token(req.headers)
-        node = self.tokens.node_for(token) if token else None
+        node = None
+        if token:
+            with trio.move_on_after(self.config.request_timeout):
+                node = await self.tokens.principal_for(token)
         if node is None:
             self.metrics.unauthenticated.inc()
             why = "missing bearer token" if token is None else "unknown bearer token"
@@ -423,20 +460,40 @@ async def serve(
         hub.publish(state)
         metrics.observe_state(state)
 
-    source = DirectorySource(
-        Path(config.resources), publish, trust_domain=config.trust_domain,
-        interval=config.poll_interval,
-    )
-    server = DiscoveryServer(config, ca, hub, TokenStore(config.tokens), metrics)
+    source: DirectorySource | KubeSource
+    publisher: Publisher | None = None
+    auths: list[Authenticator] = [TokenStore(config.tokens)] if config.tokens else []
+    if config.source == "kube":
+        client = KubeClient(config.kube or KubeConfig.in_cluster())
+        source = KubeSource(client, publish, trust_domain=config.trust_domain)
+        auths.append(TokenReviewAuthenticator(
+            client, node_service_accounts=config.kube_node_service_accounts))
+        kw = {k: v for k, v in (("image", config.gateway_image),
+                                 ("controlplane", config.gateway_controlplane)) if v}
+        template = (GatewayTemplate.load(config.gateway_template, **kw)
+                    if config.gateway_template else GatewayTemplate.builtin(**kw))
+        publisher = Publisher(client, root_pem=ca.root_pem, gateway=template)
+    else:
+        assert config.resources is not None
+        source = DirectorySource(
+            Path(config.resources), publish, trust_domain=config.trust_domain,
+            interval=config.poll_interval,
+        )
+    server = DiscoveryServer(config, ca, hub, FirstOf(*auths), metrics)
+
+    def errors() -> dict[str, str]:
+        return {**source.errors, **(publisher.errors if publisher else {})}
     host, port = parse_address(config.listen)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         await nursery.start(source.run)
+        if publisher is not None:
+            nursery.start_soon(publisher.run)
         admin_port = None
         if config.admin:
             admin_port = await nursery.start(
-                serve_admin, config.admin, metrics, lambda: hub.state, lambda: source.errors
+                serve_admin, config.admin, metrics, lambda: hub.state, errors
             )
         nursery.start_soon(server.renew_certificate)
         await nursery.start(trio.serve_listeners, server.handle, listeners)

@@ -35,12 +35,14 @@ def translate(
     services: dict[str, res.Service] = {}
     policies: dict[str, res.AuthorizationPolicy] = {}
     routes: dict[str, res.Route] = {}
+    entries: dict[str, res.WorkloadEntry] = {}
     tables: dict[type, dict] = {
         res.Namespace: namespaces,
         res.Pod: pods,
         res.Service: services,
         res.AuthorizationPolicy: policies,
         res.Route: routes,
+        res.WorkloadEntry: entries,
     }
     for r in resources:
         table = tables.get(type(r))
@@ -59,6 +61,16 @@ def translate(
         w = _workload(pod, ns.labels if ns else {}, trust_domain)
         if w.uid in state.workloads:
             log.warning("duplicate workload uid %s (pod %s): the later one wins", w.uid, pod.key)
+        state.workloads[w.uid] = w
+    for entry in entries.values():
+        ns = namespaces.get(f"Namespace/{entry.namespace}")
+        w = _vm_workload(entry, ns.labels if ns else {}, trust_domain)
+        other = state.workload_by_ip(entry.address)
+        if other is not None:
+            log.warning(
+                "WorkloadEntry %s/%s: address %s is also workload %s",
+                entry.namespace, entry.name, entry.address, other.uid,
+            )
         state.workloads[w.uid] = w
 
     vips = model.allocate_cluster_ips(
@@ -153,6 +165,28 @@ def _workload(pod: res.Pod, ns_labels: dict[str, str], trust_domain: str) -> mod
         trust_domain=trust_domain,
         healthy=pod.phase in ("", "Running"),
         named_ports={p.name: p.container_port for p in pod.ports if p.name},
+    )
+
+
+def vm_uid(namespace: str, name: str) -> str:
+    """A VM's workload uid (``ztunnel.hostmode`` finds its own workload by it)."""
+    return f"vm/{namespace}/{name}"
+
+
+def _vm_workload(
+    entry: res.WorkloadEntry, ns_labels: dict[str, str], trust_domain: str
+) -> model.Workload:
+    return model.Workload(
+        uid=vm_uid(entry.namespace, entry.name),
+        name=entry.name,
+        namespace=entry.namespace,
+        node=entry.node,
+        service_account=entry.service_account,
+        addresses=(entry.address,),
+        labels=dict(entry.labels),
+        protocol=model.HBONE if enrolled(entry.labels, ns_labels) else model.TCP,
+        trust_domain=trust_domain,
+        named_ports=dict(entry.ports),
     )
 
 
