@@ -80,6 +80,64 @@ def send_traffic(status: dict[str, Any]) -> list[str]:
     return lines
 
 
+LOOP = """
+import collections, http.client, json
+conn = http.client.HTTPConnection({host!r}, 80, timeout=15)
+counts = collections.Counter()
+for i in range({n}):
+    conn.request({method!r}, "/", body={body!r})
+    r = conn.getresponse()
+    try:
+        pod = json.loads(r.read()).get("pod")
+    except ValueError:
+        pod = "?"
+    counts["%d from %s" % (r.status, pod)] += 1
+print(json.dumps(counts))
+"""
+
+
+def request_loop(host: str, n: int, method: str = "GET", body: str | None = None) -> dict:
+    script = LOOP.format(host=host, n=n, method=method, body=body)
+    proc = lab("exec", "shop/client", "--", sys.executable, "-c", script, check=False)
+    if proc.returncode != 0:
+        return {"failed": proc.stderr.strip().splitlines()[-1:] or ["?"]}
+    return json.loads(proc.stdout)
+
+
+def gateway_retries() -> int:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proc = lab("exec", "store/nodeproxy-gateway", "--", "curl", "-sS", "-m", "5",
+               "http://127.0.0.1:15020/metrics", check=False)
+    total = 0.0
+    for fam in text_string_to_metric_families(proc.stdout if proc.returncode == 0 else ""):
+        for sample in fam.samples:
+            if sample.name == "nodeproxy_gateway_retries_total":
+                total += sample.value
+    return int(total)
+
+
+def show_gateway() -> None:
+    heading("The L7 gateway of namespace store (label nodeproxy.io/l7-gateway: enabled)")
+    counts = request_loop("web.store", 100)
+    print("  canary split (HTTPRoute web-canary: web-v1 80, web-v2 20), 100 requests:")
+    for key, n in sorted(counts.items()):
+        print(f"    {n:>4} x {key}")
+    before = gateway_retries()
+    counts = request_loop("pay.store", 30)
+    after = gateway_retries()
+    print("  a flaky backend (pay-broken answers 503 to everything; HTTPRoute pay-retries")
+    print("  retries 503 up to 3 times), 30 GET requests:")
+    for key, n in sorted(counts.items()):
+        print(f"    {n:>4} x {key}")
+    print(f"    the gateway retried {after - before} time(s) and every request succeeded; after a")
+    print("    few failures it also ejected pay-broken, so later requests went to pay-ok directly")
+    counts = request_loop("pay.store", 30, "POST", "pay=1")
+    print("  the same with 30 POST requests (not idempotent: never retried after a 503):")
+    for key, n in sorted(counts.items()):
+        print(f"    {n:>4} x {key}")
+
+
 def access_log(paths: LabPaths, nodes: list[str]) -> list[dict[str, str]]:
     entries = []
     for node in nodes:
@@ -106,7 +164,7 @@ def explain_flows(entries: list[dict[str, str]]) -> None:
     print(f"  {'caller':<22} {'identity':<24} {'callee':<12} {'mTLS':<5} "
           f"{'bytes in/out':<13} result")
     for e in entries:
-        if e.get("direction") != "inbound":
+        if e.get("direction") != "inbound" or e.get("dst.namespace") == "store":
             continue
         caller = f"{e.get('src.namespace', '?')}/{e.get('src.workload', '?')}"
         if caller == "?/?":
@@ -197,6 +255,7 @@ def main(argv: list[str]) -> int:
         finally:
             lab("capture", "stop")
         time.sleep(0.5)  # the last access-log lines
+        show_gateway()
         explain_flows(access_log(paths, nodes))
         explain_metrics(paths, nodes)
         explain_capture(paths.capture_file, status)
@@ -217,6 +276,8 @@ def textwrap_commands() -> str:
         ".venv/bin/nodeproxy lab status",
         ".venv/bin/nodeproxy lab exec shop/client -- curl -s http://backend.shop/",
         ".venv/bin/nodeproxy lab exec shop/intruder -- curl -s http://backend.shop/",
+        ".venv/bin/nodeproxy lab exec shop/client -- curl -s http://web.store/",
+        ".venv/bin/nodeproxy lab logs pod-store-nodeproxy-gateway",
         ".venv/bin/nodeproxy lab exec node/node-a -- curl -s 127.0.0.1:15000/connections",
         ".venv/bin/nodeproxy lab exec node/node-b -- curl -s 127.0.0.1:15020/metrics",
         ".venv/bin/nodeproxy lab logs ztunnel-node-b",
