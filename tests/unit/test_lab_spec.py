@@ -73,7 +73,8 @@ def test_demo_file_parses() -> None:
     ]
     pods = spec.resources.pods
     assert set(pods) == {
-        "shop/client", "shop/intruder", "shop/backend-a", "shop/backend-b", "legacy/outsider"
+        "shop/client", "shop/intruder", "shop/backend-a", "shop/backend-b", "legacy/outsider",
+        "store/web-v1", "store/web-v2", "store/pay-ok", "store/pay-broken",
     }
     assert pods["shop/backend-b"].node == "node-b"
     assert pods["shop/intruder"].service_account == "intruder"
@@ -81,8 +82,12 @@ def test_demo_file_parses() -> None:
     assert spec.resources.namespaces["shop"]["metadata"]["labels"] == {
         "nodeproxy.io/dataplane-mode": "ambient"
     }
-    # the policy goes to the control plane exactly as written
-    assert list(spec.resources.others) == ["AuthorizationPolicy/shop/deny-intruder"]
+    # policies and routes go to the control plane exactly as written
+    assert list(spec.resources.others) == [
+        "AuthorizationPolicy/shop/deny-intruder",
+        "HTTPRoute/store/web-canary",
+        "HTTPRoute/store/pay-retries",
+    ]
 
 
 def test_cluster_ips_are_allocated_as_the_control_plane_does() -> None:
