@@ -116,6 +116,24 @@ def test_header_match_routes_to_the_canary(gw: Lab):
     assert counts == {"200 echo-v2": 20}
 
 
+def test_query_param_match(gw: Lab):
+    counts = loop(gw, 20, "echo.web", "/?canary=yes")
+    assert counts == {"200 echo-v2": 20}
+
+
+def test_a_route_attached_to_one_port_leaves_the_other_alone(gw: Lab):
+    on_80 = gw.curl_json("front/client", "http://multi.web/")
+    on_81 = gw.curl_json("front/client", "http://multi.web:81/")
+    assert on_80["headers"].get("x-route") == "multi-80"
+    assert "x-route" not in on_81["headers"] and on_81["pod"].startswith("echo-v1")
+
+
+def test_a_consumer_route_applies_only_to_its_own_namespace(gw: Lab):
+    assert loop(gw, 10, "consumer.web") == {"200 echo-v2": 10}  # front: its own route
+    proc = gw.exec("other/caller", "curl", "-sS", "-m", "5", "http://consumer.web/")
+    assert json.loads(proc.stdout)["pod"].startswith("echo-v1")  # other: the service itself
+
+
 def test_path_prefix_rewrite(gw: Lab):
     answer = gw.curl_json("front/client", "http://echo.web/api/items?x=1")
     assert answer is not None and answer["path"] == "/v1/items?x=1"
