@@ -407,3 +407,42 @@ def test_gateway_holds_only_its_own_identity(gw: Lab):
         "spiffe://cluster.local/ns/web/sa/nodeproxy-gateway": "signed",
         "spiffe://cluster.local/ns/web/sa/echo": 403,
     }
+
+
+# -- connection failures, attempts, ejection, per-attempt timeouts ----------------------------
+
+
+def test_connection_failures_are_retried_on_another_endpoint_even_for_post(gw: Lab):
+    assert loop(gw, 20, "mixed.web") == {"200 mixed-ok": 20}
+    # never processed (the connect failed), so a POST is safe to retry too
+    assert loop(gw, 10, "mixed.web", method="POST", body="x=1") == {"200 mixed-ok": 10}
+
+
+def test_failing_endpoint_is_ejected(gw: Lab):
+    counts = loop(gw, 80, "flaky-noretry.web")
+    bad = counts.get("503 flaky-bad", 0)
+    # without ejection about half would fail; it is ejected after a few consecutive failures
+    assert 0 < bad <= 16, counts
+    assert counts.get("200 flaky-good", 0) >= 64, counts
+
+
+def test_retry_attempts_are_bounded(gw: Lab):
+    marker = f"/attempts/{os.getpid()}"
+    # ?status=503 makes the healthy replica fail too: every attempt fails
+    proc = gw.exec("front/client", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                   "-m", "10", f"http://allbad.web{marker}?status=503")
+    assert proc.stdout == "503"
+
+    def logged():
+        for line in gw.logs("pod-web-nodeproxy-gateway").splitlines():
+            if marker in line and "direction=waypoint" in line:
+                return line
+        return None
+
+    line = wait_for("the gateway's access-log line", logged)
+    assert "attempts=2" in line, line  # the first try and exactly one retry
+
+
+def test_backend_request_timeout_bounds_one_attempt(gw: Lab):
+    assert status_of(gw, "http://allbad.web/backend-slow?delay=2") == 504
+    assert status_of(gw, "http://allbad.web/backend-slow?delay=0") == 200
