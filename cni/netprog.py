@@ -4,7 +4,8 @@ Every command runs as ``nsenter --net=NETNS_PATH …`` through :func:`trio.run_p
 calling process never changes namespace. All three operations are idempotent: they read the
 current state first (``iptables-save``, ``ip -j rule``/``route``) and change only what differs.
 The host's own network namespace is refused outright: capture rules there would take the node
-off the network.
+off the network. The one exception is a VM's node proxy in host mode, which captures its own
+host's traffic on purpose and says so (:func:`program_host`, ``host_mode=True``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def is_netns(path: str) -> bool:
         return False
 
 
-def _check_target(netns_path: str) -> None:
+def _check_target(netns_path: str, *, host_mode: bool = False) -> None:
     if not netns_path or not is_netns(netns_path):
         raise NetprogError(f"{netns_path!r} is not a network namespace")
+    if host_mode:
+        return  # the caller captures its own host on purpose (a VM in host mode)
     try:
         st = os.stat(netns_path)
     except OSError as e:
@@ -138,12 +141,23 @@ async def _route_json(netns_path: str) -> str:
 async def program_pod(netns_path: str, *, dns: bool = False) -> None:
     """Install the capture in the pod netns; a no-op when it is already there."""
     _check_target(netns_path)
+    await _program(netns_path, rules.pod_rules(dns=dns))
+
+
+async def program_host(netns_path: str, rule_set: str) -> None:
+    """Host mode: install ``rule_set`` (:func:`cni.rules.host_rules`) in the VM's own netns,
+    which may be the host's; a no-op when it is already there."""
+    _check_target(netns_path, host_mode=True)
+    await _program(netns_path, rule_set)
+
+
+async def _program(netns_path: str, rule_set: str) -> None:
     saved = await _save(netns_path)
-    if not rules.pod_rules_match(saved, dns=dns):
+    if not rules.rules_match(saved, rule_set):
         if rules.has_pod_rules(saved):
             # half-programmed or stale (e.g. different DNS setting): start from clean
             await _restore(netns_path, rules.pod_cleanup_rules(saved))
-        await _restore(netns_path, rules.pod_rules(dns=dns))
+        await _restore(netns_path, rule_set)
     n = _count_rules(await _rule_json(netns_path))
     if n == 0:
         await _run(netns_path, ["ip", "rule", "add", *_RULE_SPEC])
@@ -152,12 +166,15 @@ async def program_pod(netns_path: str, *, dns: bool = False) -> None:
     log.info("programmed capture in %s", netns_path)
 
 
-async def unprogram_pod(netns_path: str) -> None:
-    """Remove the capture from the pod netns; a missing netns or missing rules is fine."""
+async def unprogram_pod(netns_path: str, *, host_mode: bool = False) -> None:
+    """Remove the capture from the pod netns; a missing netns or missing rules is fine.
+
+    ``host_mode``: the VM's own netns (see :func:`program_host`), which may be the host's.
+    """
     if not netns_path or not is_netns(netns_path):
         log.info("netns %r is gone: nothing to unprogram", netns_path)
         return
-    _check_target(netns_path)
+    _check_target(netns_path, host_mode=host_mode)
     saved = await _save(netns_path)
     cleanup = rules.pod_cleanup_rules(saved)
     if cleanup:
@@ -169,13 +186,19 @@ async def unprogram_pod(netns_path: str) -> None:
     log.info("removed capture from %s", netns_path)
 
 
-async def is_programmed(netns_path: str, *, dns: bool = False) -> bool:
-    """Whether the full capture (rules, fwmark rule, route) is in place."""
+async def is_programmed(
+    netns_path: str, *, dns: bool = False, host_rule_set: str | None = None
+) -> bool:
+    """Whether the full capture (rules, fwmark rule, route) is in place.
+
+    With ``host_rule_set`` the host-mode capture is checked (see :func:`program_host`).
+    """
     if not is_netns(netns_path):
         return False
-    _check_target(netns_path)
+    _check_target(netns_path, host_mode=host_rule_set is not None)
+    wanted = host_rule_set if host_rule_set is not None else rules.pod_rules(dns=dns)
     return (
-        rules.pod_rules_match(await _save(netns_path), dns=dns)
+        rules.rules_match(await _save(netns_path), wanted)
         and rule_present(await _rule_json(netns_path))
         and route_present(await _route_json(netns_path))
     )
@@ -185,6 +208,7 @@ __all__ = [
     "NetprogError",
     "is_netns",
     "is_programmed",
+    "program_host",
     "program_pod",
     "route_present",
     "rule_present",

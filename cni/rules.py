@@ -6,13 +6,27 @@ the pod's own outbound TCP is redirected to the node proxy's 15001, inbound TCP 
 made get connmark 0x111 so that the app's replies are routed back to the proxy through table 100.
 
 They are applied with ``iptables-restore --noflush``, so they must not touch rules of other
-chains; :func:`pod_cleanup_rules` removes exactly what :func:`pod_rules` added.
+chains; :func:`pod_cleanup_rules` removes exactly what :func:`pod_rules` (or :func:`host_rules`)
+added.
+
+Host mode (a VM that is its own workload) uses the same generator in the VM's own network
+namespace: the same chains, marks and table 100, without the kubelet-probe exemption (there is
+no kubelet), and with exemptions a host needs that a pod does not: inbound SSH and the node
+proxy's own admin/metrics/readiness ports, outbound the control plane (the proxy's own
+discovery and CA connections are not marked sockets), and in both directions every packet that
+is not a SYN. A host has connections that are older than its rules (an SSH session, the
+proxy's own discovery stream); the netns's conntrack starts when the nat rules arrive and picks
+those up mid-stream as new, and without that exemption their next packet would be redirected
+to a port that knows nothing of them (and answered with a reset). Pods never have such
+connections: their rules come before their first packet.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
+from collections.abc import Iterable
 
 PROXY_MARK = 0x539  # SO_MARK of every socket the node proxy opens in the data path
 CONN_MARK = 0x111  # connmark of connections the proxy made; replies go back via table 100
@@ -24,6 +38,15 @@ DNS_PROXY_PORT = 15053
 PROBE_ADDRESS = "169.254.7.127"  # the host SNATs kubelet probes to it: probes skip capture
 ROUTE_TABLE = 100
 RULE_PREF = 32764
+SSH_PORT = 22
+
+POD_MODE = "pod"
+HOST_MODE = "host"
+MODES = (POD_MODE, HOST_MODE)
+# host mode: inbound ports never captured: SSH, and the node proxy's admin, metrics, readiness
+HOST_INBOUND_EXEMPT_PORTS = (SSH_PORT, 15000, 15020, 15021)
+# a first packet that is not a SYN: a connection older than the rules, picked up mid-stream
+_NOT_SYN = "-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j ACCEPT"
 
 PRERT_CHAIN = "ISTIO_PRERT"
 OUTPUT_CHAIN = "ISTIO_OUTPUT"
@@ -38,6 +61,69 @@ _CM = f"{CONN_MARK:#x}/{MARK_MASK:#x}"
 
 def pod_rules(*, dns: bool = False) -> str:
     """The ``iptables-restore --noflush`` input that installs the capture (reference order)."""
+    return capture_rules(POD_MODE, dns=dns)
+
+
+def host_rules(
+    *,
+    inbound_exempt_ports: Iterable[int] = HOST_INBOUND_EXEMPT_PORTS,
+    outbound_exempt: Iterable[tuple[str, int]] = (),
+    dns: bool = False,
+) -> str:
+    """The capture of a host's (a VM's) own traffic, for its own network namespace.
+
+    ``outbound_exempt`` lists (IP, port) destinations left alone, e.g. the control plane.
+    """
+    return capture_rules(
+        HOST_MODE,
+        dns=dns,
+        inbound_exempt_ports=inbound_exempt_ports,
+        outbound_exempt=outbound_exempt,
+    )
+
+
+def _exempt_ports(ports: Iterable[int]) -> list[int]:
+    out: list[int] = []
+    for p in ports:
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
+            raise ValueError(f"exempt port {p!r} is not a port number")
+        if p in (OUTBOUND_PORT, INBOUND_PLAIN_PORT, HBONE_PORT):
+            raise ValueError(f"port {p} is the node proxy's own capture port: cannot exempt it")
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _exempt_destinations(dests: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for ip, port in dests:
+        try:
+            addr = ipaddress.IPv4Address(ip)
+        except ValueError:
+            raise ValueError(f"exempt destination {ip!r} is not an IPv4 address") from None
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"exempt destination port {port!r} is not a port number")
+        if (str(addr), port) not in out:
+            out.append((str(addr), port))
+    return out
+
+
+def capture_rules(
+    mode: str = POD_MODE,
+    *,
+    dns: bool = False,
+    inbound_exempt_ports: Iterable[int] = (),
+    outbound_exempt: Iterable[tuple[str, int]] = (),
+) -> str:
+    """The one rule generator: ``pod`` mode (the reference rules) or ``host`` mode.
+
+    Exemptions go before the REDIRECTs: inbound ports in the PREROUTING chain, outbound
+    (IP, port) destinations in the OUTPUT chain. Raises ValueError for a bad mode or port.
+    """
+    if mode not in MODES:
+        raise ValueError(f"capture mode {mode!r} is not one of {', '.join(MODES)}")
+    in_ports = _exempt_ports(inbound_exempt_ports)
+    out_dests = _exempt_destinations(outbound_exempt)
     lines = [
         "* mangle",
         f"-N {PRERT_CHAIN}",
@@ -53,11 +139,20 @@ def pod_rules(*, dns: bool = False) -> str:
         f"-N {OUTPUT_CHAIN}",
         f"-A OUTPUT -j {OUTPUT_CHAIN}",
         f"-A PREROUTING -j {PRERT_CHAIN}",
-        f"-A {PRERT_CHAIN} -s {PROBE_ADDRESS} -p tcp -m tcp -j ACCEPT",
-        f"-A {OUTPUT_CHAIN} -d {PROBE_ADDRESS} -p tcp -m tcp -j ACCEPT",
-        f"-A {PRERT_CHAIN} ! -d 127.0.0.1/32 -p tcp ! --dport {HBONE_PORT} -m mark ! --mark {_PM}"
-        f" -j REDIRECT --to-ports {INBOUND_PLAIN_PORT}",
     ]
+    if mode == POD_MODE:
+        # the host SNATs kubelet probes to PROBE_ADDRESS; a VM has no kubelet
+        lines += [
+            f"-A {PRERT_CHAIN} -s {PROBE_ADDRESS} -p tcp -m tcp -j ACCEPT",
+            f"-A {OUTPUT_CHAIN} -d {PROBE_ADDRESS} -p tcp -m tcp -j ACCEPT",
+        ]
+    else:
+        lines += [f"-A {PRERT_CHAIN} {_NOT_SYN}", f"-A {OUTPUT_CHAIN} {_NOT_SYN}"]
+    lines += [f"-A {PRERT_CHAIN} -p tcp -m tcp --dport {p} -j ACCEPT" for p in in_ports]
+    lines.append(
+        f"-A {PRERT_CHAIN} ! -d 127.0.0.1/32 -p tcp ! --dport {HBONE_PORT} -m mark ! --mark {_PM}"
+        f" -j REDIRECT --to-ports {INBOUND_PLAIN_PORT}"
+    )
     if dns:
         lines += [
             f"-A {OUTPUT_CHAIN} ! -o lo -p udp -m mark ! --mark {_PM} -m udp --dport 53"
@@ -68,6 +163,12 @@ def pod_rules(*, dns: bool = False) -> str:
     lines += [
         f"-A {OUTPUT_CHAIN} -p tcp -m mark --mark {_CM} -j ACCEPT",
         f"-A {OUTPUT_CHAIN} ! -d 127.0.0.1/32 -o lo -j ACCEPT",
+    ]
+    lines += [
+        f"-A {OUTPUT_CHAIN} -d {ip}/32 -p tcp -m tcp --dport {port} -j ACCEPT"
+        for ip, port in out_dests
+    ]
+    lines += [
         f"-A {OUTPUT_CHAIN} ! -d 127.0.0.1/32 -p tcp -m mark ! --mark {_PM}"
         f" -j REDIRECT --to-ports {OUTBOUND_PORT}",
         "COMMIT",
@@ -187,7 +288,12 @@ def has_pod_rules(saved: str) -> bool:
 
 def pod_rules_match(saved: str, *, dns: bool = False) -> bool:
     """Whether ``iptables-save`` output holds exactly our rule set, in order, once."""
-    want, got = parse_save(pod_rules(dns=dns)), parse_save(saved)
+    return rules_match(saved, pod_rules(dns=dns))
+
+
+def rules_match(saved: str, wanted: str) -> bool:
+    """Whether ``iptables-save`` output holds exactly ``wanted`` (a rule set made here)."""
+    want, got = parse_save(wanted), parse_save(saved)
     for table in TABLES:
         w, g = want[table], got.get(table, _Table())
         if not set(CHAINS) <= g.chains:

@@ -28,6 +28,7 @@ from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.metrics import ProxyMetrics
 from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
 from nodeproxy.tlsconfig import check_peer
+from ztunnel import hostmode
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.inbound import admission
 from ztunnel.inpod.channel import PodInfo, run_channel
@@ -274,7 +275,7 @@ class NodeProxy:
 
     async def run(
         self,
-        agent_socket: str,
+        agent_socket: str | None,
         *,
         admin: str,
         metrics: str,
@@ -295,7 +296,8 @@ class NodeProxy:
                 serve_http, ready, {"/healthz/ready": readiness_route(self.readiness)}
             )
             nursery.start_soon(self.follow_state)
-            await nursery.start(run_channel, agent_socket, self)
+            if agent_socket is not None:  # None: host mode (ztunnel.hostmode), no node agent
+                await nursery.start(run_channel, agent_socket, self)
             nursery.start_soon(self._on_signals, nursery, drain_seconds)
             task_status.started()
 
@@ -314,7 +316,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--controlplane", required=True, help="HOST:PORT of the control plane")
     parser.add_argument("--ca-root", required=True, type=Path)
     parser.add_argument("--token-file", required=True, type=Path)
-    parser.add_argument("--agent-socket", required=True)
+    parser.add_argument("--agent-socket")
     parser.add_argument("--admin", default="127.0.0.1:15000")
     parser.add_argument("--metrics", default="0.0.0.0:15020")
     parser.add_argument("--ready", default="0.0.0.0:15021")
@@ -322,7 +324,9 @@ def main(argv: list[str]) -> int:
         "--drain-seconds", type=float, default=20.0,
         help="on SIGTERM, how long live connections may take to finish",
     )
+    hostmode.add_arguments(parser)
     args = parser.parse_args(argv)
+    hostmode.check_arguments(parser, args)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -339,6 +343,8 @@ def main(argv: list[str]) -> int:
     certs = CertificateManager(discovery.sign, roots)
     proxy = NodeProxy(args.node, discovery, certs)
     try:
+        if args.host_mode:
+            return trio.run(hostmode.run_from_args, proxy, args)
         trio.run(
             lambda: proxy.run(
                 args.agent_socket,

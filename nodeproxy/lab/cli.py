@@ -23,7 +23,7 @@ from typing import Any
 
 from nodeproxy.lab import network
 from nodeproxy.lab.paths import LabPaths
-from nodeproxy.lab.spec import LabSpecError, node_netns, parse_lab, pod_netns
+from nodeproxy.lab.spec import LabSpecError, node_netns, parse_lab, pod_netns, vm_netns
 
 UP_TIMEOUT = float(os.environ.get("NODEPROXY_LAB_UP_TIMEOUT", "300"))
 DOWN_TIMEOUT = 150.0
@@ -141,8 +141,9 @@ def cmd_up(paths: LabPaths, file: str) -> int:
     finally:
         os.close(lock_fd)
     print(
-        f"lab starting: {len(spec.nodes)} nodes, {len(spec.resources.pods)} pods "
-        f"(supervisor pid {proc.pid}, lab dir {paths.root})"
+        f"lab starting: {len(spec.nodes)} nodes, {len(spec.resources.pods)} pods"
+        + (f", {len(spec.vms)} VMs" if spec.vms else "")
+        + f" (supervisor pid {proc.pid}, lab dir {paths.root})"
     )
     return wait_up(paths, proc)
 
@@ -207,6 +208,15 @@ def print_status(st: dict[str, Any]) -> None:
         state = p["state"] + (f"({p['exit_code']})" if p["state"] == "exited" else "")
         print(f"  {p['namespace'] + '/' + p['name']:<24} {p['ip'] or '-':<13} {p['node']:<10} "
               f"{state:<10} {'meshed' if p['meshed'] else 'not meshed':<11} {p['netns']}")
+    if st.get("vms"):
+        print("vms:")
+        for v in st["vms"]:
+            app = v.get("app") or {}
+            state = app.get("state", "-") + (
+                f"({app['exit_code']})" if app.get("state") == "exited" else ""
+            )
+            print(f"  {v['namespace'] + '/' + v['name']:<24} {v['ip']:<13} "
+                  f"app={state:<10} {_components(v['components'])}  {v['netns']}")
     if st.get("services"):
         print("services:")
         for s in st["services"]:
@@ -251,11 +261,14 @@ def cmd_exec(paths: LabPaths, target: str, cmd: list[str]) -> int:
         return 2
     ns_name, _, name = target.partition("/")
     if not ns_name or not name:
-        print("exec: target is NAMESPACE/POD or node/NODE", file=sys.stderr)
+        print("exec: target is NAMESPACE/POD, node/NODE or vm/VM", file=sys.stderr)
         return 2
-    netns = node_netns(paths.prefix, name) if ns_name == "node" else pod_netns(
-        paths.prefix, ns_name, name
-    )
+    if ns_name == "node":
+        netns = node_netns(paths.prefix, name)
+    elif ns_name == "vm":
+        netns = vm_netns(paths.prefix, name)
+    else:
+        netns = pod_netns(paths.prefix, ns_name, name)
     if not (network.NETNS_DIR / netns).exists():
         print(f"exec: no {target} in the lab (netns {netns} missing)", file=sys.stderr)
         return 1
@@ -324,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("file")
     st = sub.add_parser("status", help="nodes, components and pods")
     st.add_argument("--json", action="store_true")
-    ex = sub.add_parser("exec", help="run a command in NAMESPACE/POD or node/NODE")
+    ex = sub.add_parser("exec", help="run a command in NAMESPACE/POD, node/NODE or vm/VM")
     ex.add_argument("target")
     ex.add_argument("command", nargs=argparse.REMAINDER)
     lg = sub.add_parser("logs", help="print a component's log")

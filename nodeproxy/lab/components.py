@@ -18,6 +18,7 @@ from nodeproxy.lab.spec import (
     LabSpec,
     node_netns,
     underlay_netns,
+    vm_netns,
 )
 
 
@@ -38,7 +39,8 @@ def controlplane_address() -> str:
 
 
 def component_specs(spec: LabSpec, paths: LabPaths) -> list[ComponentSpec]:
-    """Control plane first, then per node its CNI agent and node proxy; none without mesh."""
+    """Control plane first, then per node its CNI agent and node proxy, then per VM its node
+    proxy in host mode; none without mesh."""
     if not spec.mesh:
         return []
     cp = controlplane_address()
@@ -91,7 +93,29 @@ def component_specs(spec: LabSpec, paths: LabPaths) -> list[ComponentSpec]:
                 n.name,
             )
         )
+    for vm in spec.vms:
+        out.append(
+            ComponentSpec(
+                vm_component(vm.name),
+                vm_netns(paths.prefix, vm.name),
+                nodeproxy_cmd(
+                    "ztunnel", "--host-mode",
+                    "--workload", f"{vm.namespace}/{vm.name}",
+                    "--node", vm.name,
+                    "--controlplane", cp,
+                    "--ca-root", str(paths.ca_root),
+                    "--token-file", str(paths.vm_token_file(vm.name)),
+                    "--drain-seconds", "3",
+                ),
+                vm.name,
+            )
+        )
     return out
+
+
+def vm_component(vm: str) -> str:
+    """The name of a VM's node proxy (host mode) among the lab's components."""
+    return f"ztunnel-vm-{vm}"
 
 
 def conflist(spec: LabSpec, paths: LabPaths, node: str) -> dict[str, Any]:

@@ -22,9 +22,11 @@ from nodeproxy.lab.spec import (
     POSTROUTING_CHAIN,
     SERVICES_CHAIN,
     UNDERLAY_GATEWAY,
+    VM,
     Node,
     node_netns,
     underlay_netns,
+    vm_netns,
 )
 from nodeproxy.model import SERVICE_CIDR
 
@@ -116,6 +118,26 @@ def create_node(prefix: str, node: Node, nodes: Iterable[Node]) -> None:
         "COMMIT\n"
     )
     run(netns_exec(ns, ["iptables-restore", "--noflush", "--wait"]), input=rules.encode())
+
+
+def create_vm(prefix: str, vm: VM, nodes: Iterable[Node]) -> None:
+    """A VM: its own netns on the underlay bridge, routes to every node's pod CIDR.
+
+    The nodes need no route back: the VM's address is on their underlay subnet.
+    """
+    u, ns = underlay_netns(prefix), vm_netns(prefix, vm.name)
+    add_netns(ns)
+    veth = f"vv{vm.index}"
+    run(["ip", "-n", u, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+         "netns", ns])
+    run(["ip", "-n", u, "link", "set", veth, "master", BRIDGE])
+    run(["ip", "-n", u, "link", "set", veth, "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{vm.underlay_ip}/24", "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    for node in nodes:
+        run(["ip", "-n", ns, "route", "add", node.pod_cidr, "via", node.underlay_ip])
+    # service VIPs must pass the routing decision before the capture's nat OUTPUT redirect
+    run(["ip", "-n", ns, "route", "add", SERVICE_CIDR, "via", UNDERLAY_GATEWAY])
 
 
 def apply_kube_proxy(ns: str, rules: str) -> None:

@@ -98,6 +98,9 @@ class LabPaths:
     def token_file(self, node: str) -> Path:
         return self.node_dir(node) / "token"
 
+    def vm_token_file(self, vm: str) -> Path:
+        return self.root / "vms" / vm / "token"
+
     def plugin_socket(self, node: str) -> Path:
         return self.node_dir(node) / "plugin.sock"
 

@@ -1,6 +1,6 @@
 """The lab file: parsing, validation and the names and addresses derived from it.
 
-A lab file is multi-document YAML: one ``Lab`` resource naming the nodes, plus
+A lab file is multi-document YAML: one ``Lab`` resource naming the nodes (and VMs), plus
 Kubernetes-shaped ``Namespace``, ``Pod``, ``Service`` and ``AuthorizationPolicy`` documents.
 Everything here is pure: no IO besides reading the YAML text handed in, so that a bad file is
 refused before anything on the machine is touched.
@@ -27,6 +27,8 @@ CONTROLPLANE_ADMIN_PORT = 15014
 READY_PORT = 15021
 BRIDGE = "npbr0"
 MAX_NODES = 200
+MAX_VMS = 100  # underlay 10.250.0.100-199
+WORKLOADENTRY_API_VERSION = "networking.nodeproxy.io/v1alpha1"
 
 # kinds the lab understands; anything else in the file is refused
 KINDS = ("Lab", "Namespace", "Pod", "Service", "AuthorizationPolicy", "HTTPRoute")
@@ -56,6 +58,34 @@ class Node:
     @property
     def pod_gateway(self) -> str:
         return f"10.244.{self.index + 1}.1"
+
+
+@dataclass
+class VM:
+    """A VM node: its own netns on the underlay, one workload, its node proxy in host mode."""
+
+    name: str
+    index: int
+    namespace: str
+    service_account: str
+    labels: dict[str, str]
+    command: list[str]  # empty: the VM runs no app
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def underlay_ip(self) -> str:
+        return f"10.250.0.{100 + self.index}"
+
+    def as_pod(self) -> Pod:
+        """The VM seen as a pod where the lab needs one (service endpoints, commands)."""
+        return Pod(
+            self.namespace, self.name, self.name, self.service_account, list(self.command),
+            dict(self.labels), [ContainerPort(p, n) for n, p in self.ports.items()], {},
+        )
 
 
 @dataclass
@@ -125,6 +155,7 @@ class LabSpec:
     resources: Resources
     # lifetime of workload certificates the control plane signs (tests shorten it)
     certificate_ttl: int | None = None
+    vms: list[VM] = field(default_factory=list)
 
     def node(self, name: str) -> Node | None:
         for n in self.nodes:
@@ -311,11 +342,61 @@ def parse_lab(text: str, source: str = "lab file") -> LabSpec:
     ttl = spec.get("certificateTTL")
     if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 4):
         raise LabSpecError(f"{source}: Lab spec.certificateTTL must be seconds (>= 4)")
+    vms = parse_vms(spec.get("vms"), {n.name for n in nodes}, source)
     res = parse_resources(docs, source)
-    spec_obj = LabSpec(nodes, mesh, res, ttl)
+    spec_obj = LabSpec(nodes, mesh, res, ttl, vms)
     check_pods_placed(spec_obj, res.pods.values())
     assign_cluster_ips(res.services)
     return spec_obj
+
+
+def parse_vms(raw: Any, node_names: set[str], source: str = "lab file") -> list[VM]:
+    """``Lab spec.vms``: [{name, namespace, serviceAccount, labels, command, ports}]."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise LabSpecError(f"{source}: Lab spec.vms must be a list")
+    if len(raw) > MAX_VMS:
+        raise LabSpecError(f"{source}: at most {MAX_VMS} VMs")
+    vms: list[VM] = []
+    for i, v in enumerate(raw):
+        where = f"{source}: Lab spec.vms[{i}]"
+        if not isinstance(v, dict):
+            raise LabSpecError(f"{where} is not a mapping")
+        unknown = set(v) - {"name", "namespace", "serviceAccount", "labels", "command", "ports"}
+        if unknown:
+            raise LabSpecError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
+        name = v.get("name")
+        if not isinstance(name, str) or not _DNS_LABEL.match(name):
+            raise LabSpecError(f"{where}.name {name!r} is not a DNS label")
+        # the VM's name is its node name for the CA: it must not be a node's
+        if name in node_names or any(x.name == name for x in vms):
+            raise LabSpecError(f"{where}: name {name} is already a node or VM")
+        ns = v.get("namespace", "default")
+        sa = v.get("serviceAccount", "default")
+        for field_name, value in (("namespace", ns), ("serviceAccount", sa)):
+            if not isinstance(value, str) or not _DNS_LABEL.match(value):
+                raise LabSpecError(f"{where}.{field_name} {value!r} is not a DNS label")
+        labels = v.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(x, str) for k, x in labels.items()
+        ):
+            raise LabSpecError(f"{where}.labels must map strings to strings")
+        command = v.get("command") or []
+        if not isinstance(command, list) or not all(
+            isinstance(a, str | int) and not isinstance(a, bool) for a in command
+        ):
+            raise LabSpecError(f"{where}.command must be a list of arguments")
+        ports = v.get("ports") or {}
+        if not isinstance(ports, dict) or not all(isinstance(k, str) and k for k in ports):
+            raise LabSpecError(f"{where}.ports must map port names to numbers")
+        vms.append(
+            VM(
+                name, i, ns, sa, dict(labels), [str(a) for a in command],
+                {k: _port(p, f"{where}.ports.{k}") for k, p in ports.items()},
+            )
+        )
+    return vms
 
 
 def check_pods_placed(spec: LabSpec, pods: Any) -> None:
@@ -361,6 +442,11 @@ def node_netns(prefix: str, node: str) -> str:
     return name if len(name) <= MAX_NETNS_NAME else _short(name)
 
 
+def vm_netns(prefix: str, vm: str) -> str:
+    name = f"{prefix}vm-{vm}"
+    return name if len(name) <= MAX_NETNS_NAME else _short(name)
+
+
 def pod_netns(prefix: str, namespace: str, pod: str) -> str:
     name = f"{prefix}{namespace}-{pod}"
     return name if len(name) <= MAX_NETNS_NAME else _short(name)
@@ -384,6 +470,23 @@ def pod_resource(
     elif phase is not None:
         doc["status"] = {"phase": phase}
     return doc
+
+
+def workload_entry_resource(vm: VM) -> dict[str, Any]:
+    """The VM declared to the control plane: address, identity, labels, its node name."""
+    spec: dict[str, Any] = {
+        "address": vm.underlay_ip,
+        "serviceAccount": vm.service_account,
+        "node": vm.name,
+    }
+    if vm.ports:
+        spec["ports"] = dict(vm.ports)
+    return {
+        "apiVersion": WORKLOADENTRY_API_VERSION,
+        "kind": "WorkloadEntry",
+        "metadata": {"name": vm.name, "namespace": vm.namespace, "labels": dict(vm.labels)},
+        "spec": spec,
+    }
 
 
 def service_resource(svc: Service) -> dict[str, Any]:

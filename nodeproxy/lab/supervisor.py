@@ -35,12 +35,14 @@ from nodeproxy.lab.components import (
     component_specs,
     conflist,
     controlplane_address,
+    vm_component,
 )
 from nodeproxy.lab.paths import CNI_PLUGINS_DIR, LabPaths, venv_bin
 from nodeproxy.lab.spec import (
     BRIDGE,
     READY_PORT,
     UNDERLAY_GATEWAY,
+    VM,
     LabSpec,
     LabSpecError,
     Pod,
@@ -61,6 +63,8 @@ from nodeproxy.lab.spec import (
     resource_filename,
     service_resource,
     underlay_netns,
+    vm_netns,
+    workload_entry_resource,
 )
 from nodeproxy.model import (
     DATAPLANE_LABEL,
@@ -190,6 +194,7 @@ class Supervisor:
         self.components: dict[str, Proc] = {}
         self.pods: dict[str, PodState] = {}
         self.capture: Proc | None = None
+        self.vm_procs: dict[str, Proc] = {}  # VM name → its app
         self.phase = "starting"
         self.step = ""
         self.error: str | None = None
@@ -263,12 +268,27 @@ class Supervisor:
             },
             "nodes": nodes,
             "pods": pods,
+            "vms": [self.vm_status(vm) for vm in self.spec.vms],
             "services": [
                 {"namespace": s.namespace, "name": s.name, "cluster_ip": s.cluster_ip,
                  "ports": [p.port for p in s.ports]}
                 for s in sorted(self.res.services.values(), key=lambda s: s.key)
             ],
             "capture": self.capture.to_json() if self.capture else None,
+        }
+
+    def vm_status(self, vm: VM) -> dict[str, Any]:
+        comp = self.components.get(vm_component(vm.name))
+        app = self.vm_procs.get(vm.name)
+        return {
+            "name": vm.name,
+            "namespace": vm.namespace,
+            "service_account": vm.service_account,
+            "labels": vm.labels,
+            "netns": vm_netns(self.paths.prefix, vm.name),
+            "ip": vm.underlay_ip,
+            "components": {vm_component(vm.name): comp.to_json()} if comp else {},
+            "app": app.to_json() if app else None,
         }
 
     def save_status(self) -> None:
@@ -301,6 +321,7 @@ class Supervisor:
         """Pods and services may name a namespace the file does not declare: add it."""
         wanted = {p.namespace for p in self.res.pods.values()}
         wanted |= {s.namespace for s in self.res.services.values()}
+        wanted |= {vm.namespace for vm in self.spec.vms}
         for ns in sorted(wanted - set(self.res.namespaces)):
             self.res.namespaces[ns] = namespace_resource(ns)
 
@@ -314,6 +335,8 @@ class Supervisor:
             self.write_resource(doc)
         for ps in self.pods.values():
             self.write_resource(pod_resource(ps.pod, ps.uid))
+        for vm in self.spec.vms:
+            self.write_resource(workload_entry_resource(vm))
 
     # -- bring-up -----------------------------------------------------------------------
     def prepare_files(self) -> None:
@@ -347,6 +370,15 @@ class Supervisor:
             tf.write_text(token + "\n")
             tf.chmod(0o600)
             nd.chmod(0o700)
+        for vm in self.spec.vms:
+            # a VM's node proxy authenticates as node <VM name>: the WorkloadEntry's node
+            token = secrets.token_urlsafe(32)
+            tokens[token] = vm.name
+            tf = p.vm_token_file(vm.name)
+            tf.parent.mkdir(parents=True, exist_ok=True)
+            tf.write_text(token + "\n")
+            tf.chmod(0o600)
+            tf.parent.chmod(0o700)
         self.node_tokens = tokens
         self.write_tokens()
 
@@ -434,6 +466,12 @@ class Supervisor:
         for n in self.spec.nodes:
             self._created_ns.append(node_netns(prefix, n.name))
             await trio.to_thread.run_sync(network.create_node, prefix, n, self.spec.nodes)
+        for vm in self.spec.vms:
+            self._created_ns.append(vm_netns(prefix, vm.name))
+            await trio.to_thread.run_sync(network.create_vm, prefix, vm, self.spec.nodes)
+            ns = vm_netns(prefix, vm.name)
+            self._made_etc.add(ns)
+            network.write_etc(ns, self.vm_hosts(vm), resolv_conf(vm.namespace))
 
     def component_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -465,6 +503,11 @@ class Supervisor:
         )
 
     async def node_ready(self, node: str, ip: str) -> bool:
+        return await self.ready_in(node_netns(self.paths.prefix, node), ip)
+
+    async def ready_in(self, netns: str, ip: str) -> bool:
+        """Whether the node proxy answers ready on ip:15021, asked from inside ``netns``."""
+
         def probe() -> bool:
             conn = http.client.HTTPConnection(ip, READY_PORT, timeout=1)
             try:
@@ -475,7 +518,7 @@ class Supervisor:
             finally:
                 conn.close()
 
-        fd = os.open(network.NETNS_DIR / node_netns(self.paths.prefix, node), os.O_RDONLY)
+        fd = os.open(network.NETNS_DIR / netns, os.O_RDONLY)
         try:
             return await netns_mod.in_netns(fd, probe)
         finally:
@@ -512,6 +555,14 @@ class Supervisor:
 
             await self.wait_for(f"node proxy readiness on {n.name}", zt, ready,
                                 COMPONENT_START_TIMEOUT)
+        for vm in self.spec.vms:
+            vzt = self.components[vm_component(vm.name)]
+
+            async def vm_ready(vm: VM = vm) -> bool:
+                return await self.ready_in(vm_netns(self.paths.prefix, vm.name), vm.underlay_ip)
+
+            await self.wait_for(f"host-mode node proxy readiness on VM {vm.name}", vzt,
+                                vm_ready, COMPONENT_START_TIMEOUT)
 
     async def bring_up(self) -> None:
         try:
@@ -529,6 +580,8 @@ class Supervisor:
             self.set_step("starting pods")
             for ps in list(self.pods.values()):
                 await self.start_pod(ps)
+            for vm in self.spec.vms:
+                await self.start_vm_app(vm)
             await self.reconcile_gateways()
             await self.refresh_services()
             self.phase = "running"
@@ -644,6 +697,27 @@ class Supervisor:
         ps.state = "running"
         self.save_status()
 
+    # -- VMs ----------------------------------------------------------------------------
+    def vm_hosts(self, vm: VM) -> str:
+        return hosts_file(vm.namespace, vm.name, vm.underlay_ip, list(self.res.services.values()))
+
+    async def start_vm_app(self, vm: VM) -> None:
+        """The VM's own command, in its netns (captured by its host-mode node proxy)."""
+        assert self.nursery is not None
+        if not vm.command:
+            return
+        self.set_step(f"starting the app of VM {vm.name}")
+        argv = self.resolve_command(vm.as_pod())
+        env = self.component_env()
+        env.update(
+            POD_NAME=vm.name, POD_NAMESPACE=vm.namespace, POD_IP=vm.underlay_ip,
+            NODE_NAME=vm.name, HOSTNAME=vm.name,
+        )
+        name = f"vm-{vm.name}"
+        proc = Proc(name, argv, vm_netns(self.paths.prefix, vm.name), self.paths.log(name), env)
+        self.vm_procs[vm.name] = proc
+        await proc.start(self.nursery, self.save_status)
+
     async def stop_pod(self, ps: PodState) -> None:
         """Stop the command, CNI DEL (reverse chain, cached result), remove the netns."""
         ps.state = "deleting"
@@ -669,6 +743,8 @@ class Supervisor:
     # -- services (the kube-proxy role) -------------------------------------------------
     async def refresh_services(self) -> None:
         running = [(ps.pod, ps.ip) for ps in self.pods.values() if ps.ip and ps.state == "running"]
+        # VMs are endpoints too when a service selects them (the WorkloadEntry's labels)
+        running += [(vm.as_pod(), vm.underlay_ip) for vm in self.spec.vms]
         services = list(self.res.services.values())
         for n in self.spec.nodes:
             rules = kube_proxy_rules(services, running, n.pod_cidr)
@@ -678,6 +754,10 @@ class Supervisor:
         for ps in self.pods.values():
             if ps.netns in self._made_etc:
                 network.write_etc(ps.netns, self.pod_hosts(ps), resolv_conf(ps.pod.namespace))
+        for vm in self.spec.vms:
+            ns = vm_netns(self.paths.prefix, vm.name)
+            if ns in self._made_etc:
+                network.write_etc(ns, self.vm_hosts(vm), resolv_conf(vm.namespace))
 
     # -- runtime changes (CLI requests) -------------------------------------------------
     async def apply(self, text: str, source: str) -> dict[str, Any]:
@@ -738,6 +818,7 @@ class Supervisor:
             if name not in self.res.namespaces:
                 raise LabError(f"namespace {name} not found")
             users = [k for k in list(self.pods) + list(self.res.services)
+                     + [vm.key for vm in self.spec.vms]
                      if k.split("/")[0] == name]
             if users:
                 raise LabError(f"namespace {name} still holds {', '.join(sorted(users))}")
@@ -791,6 +872,8 @@ class Supervisor:
         assert self.nursery is not None
         proc = self.components.get(name)
         if proc is None:
+            proc = next((p for p in self.vm_procs.values() if p.name == name), None)
+        if proc is None:
             for ps in self.pods.values():
                 if ps.proc is not None and ps.proc.name == name:
                     proc = ps.proc
@@ -798,7 +881,7 @@ class Supervisor:
         if proc is None:
             known = sorted(self.components) + sorted(
                 p.proc.name for p in self.pods.values() if p.proc
-            )
+            ) + sorted(p.name for p in self.vm_procs.values())
             raise LabError(f"no component {name!r}; known: {', '.join(known)}")
         await proc.stop()
         await proc.start(self.nursery, self.save_status)
@@ -907,6 +990,10 @@ class Supervisor:
                 await self.stop_pod(ps)
             except Exception:
                 log.exception("pod %s teardown", ps.pod.key)
+        for proc in self.vm_procs.values():
+            await proc.stop()
+        for vm in self.spec.vms:
+            network.remove_etc(vm_netns(self.paths.prefix, vm.name))
         for name in reversed(list(self.components)):
             await self.components[name].stop()
         for ns in reversed(self._created_ns):
