@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 UNITS = ["nodeproxy-controlplane.service", "nodeproxy-ztunnel.service",
-         "nodeproxy-cni-agent.service"]
+         "nodeproxy-cni-agent.service", "nodeproxy-ztunnel-vm.service"]
 INSTALLED = "/opt/nodeproxy/.venv/bin/nodeproxy"
 VENV_NODEPROXY = Path(sys.executable).parent / "nodeproxy"
 ANALYZE = shutil.which("systemd-analyze")
@@ -92,7 +92,8 @@ def test_units_are_hardened(name):
     short = name.removeprefix("nodeproxy-").removesuffix(".service")
     assert s["EnvironmentFile"] == [f"/etc/nodeproxy/{short}.env"]
     assert (SYSTEMD / f"{short}.env").is_file(), "no example env file"
-    assert s["ExecStart"][0].startswith(INSTALLED + " " + short + " ")
+    command = short.removesuffix("-vm")  # the VM unit runs `nodeproxy ztunnel --host-mode`
+    assert s["ExecStart"][0].startswith(INSTALLED + " " + command + " ")
     unit_section = parse_unit((SYSTEMD / name).read_text())["Unit"]
     assert "network-online.target" in " ".join(unit_section["After"])
     assert "network-online.target" in " ".join(unit_section["Wants"])
@@ -115,6 +116,10 @@ def test_capabilities_are_the_needed_ones_only():
         "nodeproxy-ztunnel.service")["ExecStart"][0]
     assert "--ztunnel-socket /run/nodeproxy/ztunnel.sock" in unit(
         "nodeproxy-cni-agent.service")["ExecStart"][0]
+    # a VM: host mode, the same capabilities, no agent
+    vm = unit("nodeproxy-ztunnel-vm.service")
+    assert set(vm["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_SYS_ADMIN"}
+    assert "--host-mode" in vm["ExecStart"][0] and "--agent-socket" not in vm["ExecStart"][0]
 
 
 def exec_argv(name: str) -> list[str]:
@@ -140,6 +145,7 @@ def test_controlplane_command_line_is_accepted():
 
 
 @pytest.mark.parametrize("name,module", [("nodeproxy-ztunnel.service", "ztunnel.proxy"),
+                                         ("nodeproxy-ztunnel-vm.service", "ztunnel.proxy"),
                                          ("nodeproxy-cni-agent.service", "cni.agent")])
 def test_node_command_lines_are_accepted(name, module):
     """argparse exits 2 with "usage:" on an unknown or missing option; past parsing the
