@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +93,23 @@ class Lab:
 
     def metrics(self, node: str) -> str:
         return self.node_http(node, "http://127.0.0.1:15020/metrics")
+
+
+@contextmanager
+def running_lab(lab_dir: str, prefix: str, file: str) -> Iterator[Lab]:
+    """A lab up from ``file`` (relative to the project root) for the body; always taken
+    down after, and checked to have left no network namespace behind."""
+    assert os.geteuid() == 0, "the lab tests need root (network namespaces, iptables)"
+    lab = Lab(Path(lab_dir), prefix)
+    lab.cli("down", check=False)  # leftovers of an earlier crashed run
+    try:
+        lab.cli("up", str(ROOT / file))
+        yield lab
+    finally:
+        down = lab.cli("down", check=False)
+        assert down.returncode == 0, down.stderr
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert prefix not in left, f"network namespaces left behind: {left}"
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30, every: float = 0.3) -> T:

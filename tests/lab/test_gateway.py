@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from tests.lab.meshlab import ROOT, Lab, metric_sum, wait_for
+from tests.lab.meshlab import ROOT, Lab, metric_sum, running_lab, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -25,19 +23,10 @@ GATEWAY = "web/nodeproxy-gateway"
 
 @pytest.fixture(scope="module")
 def gw():
-    assert os.geteuid() == 0, "the lab tests need root (network namespaces, iptables)"
-    lab = Lab(Path("/run/nodeproxy-test-gateway"), "npt-gw-")
-    lab.cli("down", check=False)
-    try:
-        lab.cli("up", str(ROOT / "tests/lab/gateway.yaml"))
+    with running_lab("/run/nodeproxy-test-gateway", "npt-gw-", "tests/lab/gateway.yaml") as lab:
         wait_for("the gateway serves", lambda: lab.curl_json("front/client", "http://plain.web/"),
                  timeout=60)
         yield lab
-    finally:
-        down = lab.cli("down", check=False)
-        assert down.returncode == 0, down.stderr
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "npt-gw-" not in left
 
 
 LOOP = """

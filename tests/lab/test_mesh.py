@@ -6,17 +6,15 @@ One lab (tests/lab/mesh.yaml) is shared by the module; tests that change it put 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from nodeproxy import pcap
-from tests.lab.meshlab import ROOT, Lab, metric_sum, wait_for
+from tests.lab.meshlab import ROOT, Lab, metric_sum, running_lab, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -25,17 +23,8 @@ CLIENT_ID = "spiffe://cluster.local/ns/shop/sa/client"
 
 @pytest.fixture(scope="module")
 def mesh():
-    assert os.geteuid() == 0, "the lab tests need root (network namespaces, iptables)"
-    lab = Lab(Path("/run/nodeproxy-test-mesh"), "npt-mesh-")
-    lab.cli("down", check=False)  # leftovers of an earlier crashed run
-    try:
-        lab.cli("up", str(ROOT / "tests/lab/mesh.yaml"))
+    with running_lab("/run/nodeproxy-test-mesh", "npt-mesh-", "tests/lab/mesh.yaml") as lab:
         yield lab
-    finally:
-        down = lab.cli("down", check=False)
-        assert down.returncode == 0, down.stderr
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "npt-mesh-" not in left
 
 
 def echo(lab: Lab, pod: str, url: str) -> dict:

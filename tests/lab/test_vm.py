@@ -6,14 +6,10 @@ netns on the underlay, declared as a WorkloadEntry, both running the echo app.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from nodeproxy import pcap
-from tests.lab.meshlab import ROOT, Lab, metric_sum, wait_for
+from tests.lab.meshlab import Lab, metric_sum, running_lab, wait_for
 from tests.lab.test_mesh import policy
 
 pytestmark = pytest.mark.lab
@@ -25,17 +21,8 @@ WEB_ID = "spiffe://cluster.local/ns/shop/sa/web"
 
 @pytest.fixture(scope="module")
 def lab():
-    assert os.geteuid() == 0, "the lab tests need root (network namespaces, iptables)"
-    lab = Lab(Path("/run/nodeproxy-test-vm"), "npt-vm-")
-    lab.cli("down", check=False)  # leftovers of an earlier crashed run
-    try:
-        lab.cli("up", str(ROOT / "tests/lab/vm.yaml"))
+    with running_lab("/run/nodeproxy-test-vm", "npt-vm-", "tests/lab/vm.yaml") as lab:
         yield lab
-    finally:
-        down = lab.cli("down", check=False)
-        assert down.returncode == 0, down.stderr
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "npt-vm-" not in left
 
 
 def vm_ip(lab: Lab) -> str:
