@@ -57,6 +57,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "deployments": ("apps/v1", "Deployment", True),
     "httproutes": ("gateway.networking.k8s.io/v1", "HTTPRoute", True),
     "authorizationpolicies": ("security.nodeproxy.io/v1", "AuthorizationPolicy", True),
+    "workloadentries": ("networking.nodeproxy.io/v1alpha1", "WorkloadEntry", True),
 }
 KIND_TO_PLURAL = {kind: plural for plural, (_, kind, _) in RESOURCES.items()}
 

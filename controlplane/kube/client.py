@@ -133,6 +133,9 @@ HTTPROUTES = ResourceType("gateway.networking.k8s.io/v1", "HTTPRoute", "httprout
 AUTHORIZATIONPOLICIES = ResourceType(
     "security.nodeproxy.io/v1", "AuthorizationPolicy", "authorizationpolicies"
 )
+WORKLOADENTRIES = ResourceType(
+    "networking.nodeproxy.io/v1alpha1", "WorkloadEntry", "workloadentries"
+)
 TOKENREVIEWS = ResourceType(
     "authentication.k8s.io/v1", "TokenReview", "tokenreviews", namespaced=False
 )

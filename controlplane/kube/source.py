@@ -44,6 +44,7 @@ KINDS: tuple[kc.ResourceType, ...] = (
     kc.ENDPOINTSLICES,
     kc.HTTPROUTES,
     kc.AUTHORIZATIONPOLICIES,
+    kc.WORKLOADENTRIES,
 )
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 

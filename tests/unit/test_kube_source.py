@@ -378,3 +378,21 @@ async def test_same_scenario_as_the_yaml_source(kube: FakeKube, tmp_path: Path,
     h = Harness(kube, tmp_path)
     await nursery.start(h.source.run)
     assert same_content(from_dir, h.state), from_dir.diff(h.state)
+
+
+async def test_a_workload_entry_becomes_a_vm_workload(harness: Harness,
+                                                      nursery: trio.Nursery) -> None:
+    kube, h = harness.kube, harness
+    shop(kube, n=1)
+    await nursery.start(h.source.run)
+    kube.create("workloadentries", {
+        "apiVersion": "networking.nodeproxy.io/v1alpha1",
+        "kind": "WorkloadEntry",
+        "metadata": {"name": "vm-1", "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"address": "10.250.0.100", "serviceAccount": "legacy", "node": "vm-1"},
+    })
+    await eventually(lambda: h.workload("shop", "vm-1") is not None)
+    vm = h.workload("shop", "vm-1")
+    assert vm.addresses == ("10.250.0.100",) and vm.node == "vm-1"
+    assert vm.identity == "spiffe://cluster.local/ns/shop/sa/legacy"
+    assert vm.uid in h.state.services["shop/web"].endpoints  # selected like a pod
