@@ -572,15 +572,15 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        from nodeproxy.discovery import DiscoveryClient, TokenFile  # heavier: import late
+
         roots = args.ca_root.read_bytes()
-        token = args.token_file.read_text().strip()
-    except OSError as e:
+        token = TokenFile(args.token_file)  # re-read as it rotates
+    except (OSError, ValueError) as e:
         log.error("cannot read credentials: %s", e)
         return 2
 
     try:
-        from nodeproxy.discovery import DiscoveryClient  # the discovery client is heavier
-
         client = DiscoveryClient(args.controlplane, roots, token)
     except Exception as e:  # bad CA file or address: a clear message, not a traceback
         log.error("cannot set up the discovery client: %s", e)

@@ -29,7 +29,7 @@ from l7gateway.http2 import H2Config, serve_http2
 from l7gateway.sniff import HTTP1, HTTP2, SNIFF_BYTES, detect
 from l7gateway.upstream import Dial, HboneDialer, Upstreams
 from nodeproxy.certmanager import CertificateManager
-from nodeproxy.discovery import DiscoveryClient
+from nodeproxy.discovery import DiscoveryClient, TokenFile
 from nodeproxy.identity import spiffe_id
 from nodeproxy.model import GATEWAY_SERVICE_ACCOUNT, TRUST_DOMAIN, MeshState
 from nodeproxy.telemetry.accesslog import log_connection
@@ -396,8 +396,8 @@ def main(argv: list[str]) -> int:
     )
     try:
         roots = args.ca_root.read_bytes()
-        token = args.token_file.read_text().strip()
-    except OSError as e:
+        token = TokenFile(args.token_file)  # re-read as it rotates
+    except (OSError, ValueError) as e:
         parser.error(str(e))
     discovery = DiscoveryClient(args.controlplane, roots, token)
     certs = CertificateManager(discovery.sign, roots)

@@ -14,6 +14,7 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -56,12 +57,37 @@ async def _open_tcp(host: str, port: int) -> trio.abc.Stream:
     return await trio.open_tcp_stream(host, port)
 
 
+class TokenFile:
+    """A credential read from a file, re-read when the file changes (projected ServiceAccount
+    tokens rotate); an unreadable or empty file keeps the last good token."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+        self()
+        if not self._token:
+            raise ValueError(f"{self.path}: no token in it")
+
+    def __call__(self) -> str:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_ino)
+            if stamp != self._stamp:
+                token = self.path.read_text().strip()
+                if token:
+                    self._stamp, self._token = stamp, token
+        except OSError as exc:
+            log.warning("token file %s: %s (keeping the last token)", self.path, exc)
+        return self._token
+
+
 class DiscoveryClient:
     def __init__(
         self,
         address: str,
         roots_pem: bytes,
-        token: str,
+        token: str | Callable[[], str],
         *,
         expected_identity: str = CONTROLPLANE_IDENTITY,
         connect: Connect | None = None,
@@ -141,7 +167,7 @@ class DiscoveryClient:
     def _headers(self, extra: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
         return [
             ("host", f"{self.host}:{self.port}"),
-            ("authorization", f"Bearer {self.token}"),
+            ("authorization", f"Bearer {self.token() if callable(self.token) else self.token}"),
             *extra,
         ]
 

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from nodeproxy.certmanager import CertificateManager
-from nodeproxy.discovery import DiscoveryClient
+from nodeproxy.discovery import DiscoveryClient, TokenFile
 from nodeproxy.model import MeshState, Workload
 from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.metrics import ProxyMetrics
@@ -332,12 +332,12 @@ def main(argv: list[str]) -> int:
     )
     try:
         roots = args.ca_root.read_bytes()
-        token = args.token_file.read_text().strip()
+        token = TokenFile(args.token_file)  # re-read as it rotates (projected tokens)
     except OSError as exc:
         print(f"nodeproxy ztunnel: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
-    if not token:
-        print(f"nodeproxy ztunnel: {args.token_file} is empty", file=sys.stderr)
+    except ValueError as exc:
+        print(f"nodeproxy ztunnel: {exc}", file=sys.stderr)
         return 2
     discovery = DiscoveryClient(args.controlplane, roots, token)
     certs = CertificateManager(discovery.sign, roots)

@@ -216,3 +216,26 @@ async def test_silent_connection_is_abandoned_and_redialled(tmp_path: Path, nurs
     assert "TooSlowError" in client.last_failure
     await eventually(lambda: client.connected)
     assert client.state == held  # resynced from a fresh snapshot
+
+
+def test_token_file_is_reread_when_it_rotates_and_keeps_the_last_good(tmp_path):
+    import os
+
+    from nodeproxy.discovery import TokenFile
+
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    token = TokenFile(path)
+    assert token() == "first"
+    path.write_text("second\n")
+    os.utime(path, ns=(1, 10**18))  # a rotation: new content, new mtime
+    assert token() == "second"
+    path.write_text("")  # half-written: keep the last good token
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert token() == "second"
+    path.unlink()
+    assert token() == "second"
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError):
+        TokenFile(empty)
