@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 import trio
 
 from nodeproxy.model import MeshState, Workload
-from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.accesslog import log_connection
 from nodeproxy.telemetry.metrics import ConnectionLabels
 from nodeproxy.tlsconfig import PeerIdentityError, check_trust_domain
+from ztunnel.hbone.connection import LargeReadStream
 from ztunnel.hbone.server import serve_hbone_connection
 from ztunnel.outbound import fmt_addr
 from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters, RelayError, abort, relay
-from ztunnel.sockets import connector, original_dst
+from ztunnel.sockets import original_dst
 
 if TYPE_CHECKING:
     from ztunnel.hbone.server import HboneRequest
@@ -48,7 +48,7 @@ async def handle_hbone(proxy: NodeProxy, pod: PodProxy, tcp: trio.SocketStream) 
         log.warning("inbound HBONE to %s: no certificate for %s: %s", pod.name, pod.identity, exc)
         await abort(tcp)
         return
-    tls = trio.SSLStream(tcp, cert.server_context(), server_side=True)
+    tls = trio.SSLStream(LargeReadStream(tcp), cert.server_context(), server_side=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
@@ -235,10 +235,7 @@ def admission(
 async def _dial_app(pod: PodProxy, src_ip: str, ip: str, port: int) -> trio.SocketStream:
     """Connect to the app inside the pod, with the caller's address as source."""
 
-    def make():
-        return connector(spoof_source=src_ip)
-
-    sock = trio.socket.from_stdlib_socket(await in_netns(pod.netns_fd, make))
+    sock = trio.socket.from_stdlib_socket(await pod.connector(spoof_source=src_ip))
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             await sock.connect((ip, port))

@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from nodeproxy.model import Gateway, MeshState, Service, Workload
-from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.accesslog import log_connection
 from nodeproxy.telemetry.metrics import ConnectionLabels
 from ztunnel.endpoints import choose_endpoint, resolve_destination
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.hbone.protocol import connect_headers, new_traceparent
 from ztunnel.relay import Counters, RelayError, abort, relay
-from ztunnel.sockets import HBONE_PORT, connector, original_dst
+from ztunnel.sockets import HBONE_PORT, original_dst
 
 if TYPE_CHECKING:
     from ztunnel.podproxy import PodProxy
@@ -193,7 +192,7 @@ async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketSt
 
 async def _dial_plain(pod: PodProxy, ip: str, port: int) -> trio.SocketStream:
     """Plain TCP from inside the pod's netns (passthrough to a destination outside the mesh)."""
-    sock = trio.socket.from_stdlib_socket(await in_netns(pod.netns_fd, connector))
+    sock = trio.socket.from_stdlib_socket(await pod.connector())
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             await sock.connect((ip, port))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -19,7 +21,14 @@ from nodeproxy.model import TRUST_DOMAIN
 from nodeproxy.netns import in_netns, netns_id
 from ztunnel.inbound import handle_hbone, handle_plaintext
 from ztunnel.outbound import handle_outbound
-from ztunnel.sockets import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, listener
+from ztunnel.sockets import (
+    HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    listener,
+    new_sockets,
+    prepare_connector,
+)
 
 if TYPE_CHECKING:
     from ztunnel.proxy import NodeProxy
@@ -27,6 +36,59 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Handler = Callable[["NodeProxy", "PodProxy", trio.SocketStream], Awaitable[None]]
+
+
+class SocketStock:
+    """Fresh TCP sockets made inside one netns, handed out one at a time.
+
+    socket(2) creates a socket in the calling thread's netns, so every upstream connection used
+    to cost a worker-thread hop with two setns(2) calls. A socket keeps its netns for life and
+    can be configured, bound and connected from any thread, so the hop now makes a batch. The
+    batch grows (up to ``max_batch``) while refills follow each other within a second, and
+    falls back when traffic is slow, so an idle pod holds only a few spare descriptors.
+    """
+
+    def __init__(self, netns_fd: int, *, min_batch: int = 4, max_batch: int = 64) -> None:
+        self.netns_fd = netns_fd
+        self.min_batch = min_batch
+        self.max_batch = max_batch
+        self._batch = min_batch
+        self._stock: list[socket.socket] = []
+        self._last_refill = 0.0
+        self._lock = trio.Lock()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._stock)
+
+    async def take(self) -> socket.socket:
+        """One unconfigured TCP socket of the netns (the caller owns and closes it)."""
+        if not self._stock:
+            async with self._lock:  # one refill at a time; the others wait for its batch
+                if not self._stock:
+                    await self._refill()
+        if self._closed:
+            raise OSError("pod proxy stopped")
+        return self._stock.pop()
+
+    async def _refill(self) -> None:
+        now = time.monotonic()
+        if now - self._last_refill < 1.0:
+            self._batch = min(self.max_batch, self._batch * 2)
+        else:
+            self._batch = self.min_batch
+        self._last_refill = now
+        socks = await in_netns(self.netns_fd, lambda: new_sockets(self._batch))
+        if self._closed:
+            for sock in socks:
+                sock.close()
+            raise OSError("pod proxy stopped")
+        self._stock.extend(socks)
+
+    def close(self) -> None:
+        self._closed = True
+        while self._stock:
+            self._stock.pop().close()
 
 
 class PodProxy:
@@ -50,6 +112,7 @@ class PodProxy:
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
         self._listeners: list[trio.SocketListener] = []
+        self.sockets = SocketStock(netns_fd)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -59,6 +122,10 @@ class PodProxy:
             "identity": self.identity,
             "netns": f"{self.netns[0]}:{self.netns[1]}",
         }
+
+    async def connector(self, *, spoof_source: str | None = None) -> socket.socket:
+        """A marked, unconnected TCP socket in the pod netns (see ``ztunnel.sockets``)."""
+        return prepare_connector(await self.sockets.take(), spoof_source=spoof_source)
 
     async def start(self, proxy: NodeProxy, nursery: trio.Nursery) -> None:
         """Bind the three listeners in the pod netns (errors raise: the agent is nacked)."""
@@ -92,6 +159,7 @@ class PodProxy:
             for lst, _ in pairs:
                 with trio.CancelScope(shield=True):
                     await lst.aclose()
+            self.sockets.close()
             try:
                 os.close(self.netns_fd)
             except OSError:

@@ -24,18 +24,18 @@ import trio
 from nodeproxy.certmanager import CertificateManager
 from nodeproxy.discovery import DiscoveryClient, TokenFile
 from nodeproxy.model import MeshState, Workload
-from nodeproxy.netns import in_netns
 from nodeproxy.telemetry.metrics import ProxyMetrics
 from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
 from nodeproxy.tlsconfig import check_peer
 from ztunnel import hostmode
+from ztunnel.hbone.connection import LargeReadStream
 from ztunnel.hbone.pool import HbonePool, PoolKey
 from ztunnel.inbound import admission
 from ztunnel.inpod.channel import PodInfo, run_channel
 from ztunnel.podproxy import PodProxy
 from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters
-from ztunnel.sockets import connector, set_keepalive
+from ztunnel.sockets import set_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class NodeProxy:
         if pod is None or pod.uid not in self.pods:
             raise OSError(f"no enrolled pod owns source address {key.src_ip}")
         cert = await self.certs.get(key.src_identity)
-        sock = trio.socket.from_stdlib_socket(await in_netns(pod.netns_fd, connector))
+        sock = trio.socket.from_stdlib_socket(await pod.connector())
         try:
             set_keepalive(sock)  # type: ignore[arg-type]
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -128,7 +128,10 @@ class NodeProxy:
         except BaseException:
             sock.close()
             raise
-        tls = trio.SSLStream(trio.SocketStream(sock), cert.client_context(), server_side=False)
+        # large reads under TLS: fewer passes through trio and ssl per record
+        tls = trio.SSLStream(
+            LargeReadStream(trio.SocketStream(sock)), cert.client_context(), server_side=False
+        )
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await tls.do_handshake()

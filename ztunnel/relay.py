@@ -86,8 +86,9 @@ async def relay(
     try:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, client, server, True, scope)
+                # one direction in this task: one task (and its memory) less per connection
                 nursery.start_soon(pump, server, client, False, scope)
+                await pump(client, server, True, scope)
     except BaseException:
         # cancelled from outside (policy now denies, pod removed, shutdown): reset both
         await abort(client)

@@ -54,7 +54,16 @@ def connector(*, spoof_source: str | None = None) -> socket.socket:
     so the application sees the original caller's IP; the connmark 0x111 rules and routing
     table 100 bring the replies back to this socket.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    return prepare_connector(socket.socket(socket.AF_INET, socket.SOCK_STREAM),
+                             spoof_source=spoof_source)
+
+
+def prepare_connector(sock: socket.socket, *, spoof_source: str | None = None) -> socket.socket:
+    """Turn a fresh TCP socket into a :func:`connector` socket (closed on failure).
+
+    A socket belongs to the netns it was created in; these options and the bind act on that
+    netns from any thread, so only the creation needs a thread inside the pod netns.
+    """
     try:
         _tune(sock)
         if spoof_source is not None:
@@ -66,6 +75,18 @@ def connector(*, spoof_source: str | None = None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def new_sockets(n: int) -> list[socket.socket]:
+    """``n`` plain TCP sockets in the calling thread's netns (for :class:`SocketStock`)."""
+    out: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            out.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    except OSError:
+        if not out:
+            raise
+    return out
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:

@@ -7,6 +7,7 @@ and go to the logger ``nodeproxy.access``, so the process's logging setup decide
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -40,14 +41,20 @@ FIELDS = (
 _ALIASES = {f.replace(".", "_"): f for f in FIELDS}
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
+_FIELD_ORDER = {f: i for i, f in enumerate(FIELDS)}
+
+
 def _value(key: str, value: Any) -> str:
-    if key == "duration" and isinstance(value, int | float) and not isinstance(value, bool):
+    if type(value) is str:
+        text = value
+    elif key == "duration" and isinstance(value, int | float) and not isinstance(value, bool):
         text = f"{round(value)}ms"
     elif isinstance(value, bytes):
         text = value.decode("utf-8", "replace")
     else:
         text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+    if text == "" or _NEEDS_QUOTES.search(text) is not None or not text.isprintable():
         escaped = (
             text.replace("\\", "\\\\")
             .replace('"', '\\"')
@@ -61,9 +68,8 @@ def _value(key: str, value: Any) -> str:
 
 def format_entry(entry: Mapping[str, Any]) -> str:
     """``key=value`` pairs, known fields first; ``None`` values are left out."""
-    keys = [k for k in FIELDS if k in entry]
-    keys += [k for k in entry if k not in FIELDS]
-    return " ".join(f"{k}={_value(k, entry[k])}" for k in keys if entry[k] is not None)
+    keys = sorted(entry, key=lambda k: _FIELD_ORDER.get(k, len(FIELDS)))  # stable: rest in order
+    return " ".join([f"{k}={_value(k, entry[k])}" for k in keys if entry[k] is not None])
 
 
 def log_connection(**fields: Any) -> None:
@@ -75,7 +81,12 @@ def log_connection(**fields: Any) -> None:
         if not logger.isEnabledFor(logging.INFO):
             return
         entry = {_ALIASES.get(k, k): v for k, v in fields.items()}
-        logger.info("%s %s", MESSAGE, format_entry(entry))
+        # makeRecord + handle rather than info(): info() walks the stack (findCaller) for a
+        # source line that an access log line has no use for, on every connection.
+        record = logger.makeRecord(
+            logger.name, logging.INFO, __file__, 0, "%s %s", (MESSAGE, format_entry(entry)), None
+        )
+        logger.handle(record)
     except Exception:
         log.exception("access log entry dropped")
 

@@ -99,12 +99,19 @@ class ConnectionLabels:
         )
 
     def values(self) -> tuple[str, ...]:
-        return tuple(getattr(self, n) or UNKNOWN for n in LABEL_NAMES)
+        # memoised: the labels of a connection are looked up at open, close and byte count
+        cached = self.__dict__.get("_values")
+        if cached is None:
+            cached = tuple(getattr(self, n) or UNKNOWN for n in LABEL_NAMES)
+            object.__setattr__(self, "_values", cached)
+        return cached
 
 
 def _or_unknown(value: str | None) -> str:
     return value or UNKNOWN
 
+
+_CHILD_CACHE_MAX = 10_000
 
 LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ConnectionLabels))
 REQUEST_LABEL_NAMES: tuple[str, ...] = (*LABEL_NAMES, "response_code")
@@ -121,6 +128,7 @@ class ProxyMetrics:
         tag: str = "unknown",
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         r = self.registry
         # prometheus-client appends _total to counters itself
         self.tcp_opened = Counter(
@@ -171,15 +179,26 @@ class ProxyMetrics:
             registry=r,
         )
 
+    def _child(self, metric: Counter, values: tuple[str, ...]) -> Counter:
+        """``metric.labels(*values)``, cached: prometheus-client validates and locks on every
+        ``labels()`` call, and a connection's label set repeats for every connection."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= _CHILD_CACHE_MAX:
+                self._children.clear()  # label churn (pods come and go): start over
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     # -- L4 ------------------------------------------------------------------------------
     def opened(self, labels: ConnectionLabels) -> None:
-        self.tcp_opened.labels(*labels.values()).inc()
+        self._child(self.tcp_opened, labels.values()).inc()
 
     def closed(self, labels: ConnectionLabels, response_flags: str = "-") -> None:
-        self.tcp_closed.labels(*_flags(labels, response_flags).values()).inc()
+        self._child(self.tcp_closed, _flags(labels, response_flags).values()).inc()
 
     def failed(self, labels: ConnectionLabels, flags: str) -> None:
-        self.tcp_failed.labels(*_flags(labels, flags).values()).inc()
+        self._child(self.tcp_failed, _flags(labels, flags).values()).inc()
 
     def bytes(self, labels: ConnectionLabels, received: int, sent: int) -> None:
         """Add byte counts (client→server ``received``, server→client ``sent``).
@@ -188,9 +207,9 @@ class ProxyMetrics:
         """
         values = labels.values()
         if received > 0:
-            self.tcp_received.labels(*values).inc(received)
+            self._child(self.tcp_received, values).inc(received)
         if sent > 0:
-            self.tcp_sent.labels(*values).inc(sent)
+            self._child(self.tcp_sent, values).inc(sent)
         if received < 0 or sent < 0:
             log.error("negative byte count ignored: received=%d sent=%d", received, sent)
 

@@ -513,11 +513,11 @@ def test_node_proxy_restart_gets_pods_back_from_the_agent(mesh: Lab):
 
 HALF_CLOSE_CLIENT = """
 import socket
-s = socket.create_connection(("{ip}", {port}), timeout=10)
-s.sendall(b"abc")
-s.shutdown(socket.SHUT_WR)
 got = b""
 try:
+    s = socket.create_connection(("{ip}", {port}), timeout=10)
+    s.sendall(b"abc")
+    s.shutdown(socket.SHUT_WR)
     while True:
         chunk = s.recv(100)
         if not chunk:

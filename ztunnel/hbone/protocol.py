@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
+import re
 import secrets
+import struct
 from dataclasses import dataclass, field
 
 import h2
@@ -19,6 +22,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hpack
 import hyperframe
@@ -85,10 +89,117 @@ class _CappedDecoder(hpack.Decoder):
         pass
 
 
+class _PlainEncoder(hpack.Encoder):
+    """HPACK encoder that sends literals without Huffman coding.
+
+    hpack's Huffman coder (and the peer's decoder) is pure Python, per character: it was a
+    third of the cost of a CONNECT. Our header values are short; the few extra bytes on the
+    wire are cheaper than the CPU. Any HPACK decoder accepts both forms (RFC 7541 §5.2)."""
+
+    def encode(self, headers, huffman: bool = False) -> bytes:  # type: ignore[override]
+        return super().encode(headers, huffman=False)
+
+
+# Header values that differ on every request: indexing them would only churn the HPACK
+# dynamic table (and make every table search longer) on both sides.
+_UNIQUE_PER_REQUEST = frozenset({b"traceparent", b"forwarded"})
+
+
+_BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z]")
+_BAD_VALUE = re.compile(r"[\x00\r\n]")
+
+
+def _check_header(name: str, value: str) -> None:
+    """RFC 9113 §8.2.1 for a header we send (h2's own outbound validation is off)."""
+    bare = name[1:] if name.startswith(":") else name
+    if not bare or _BAD_NAME.search(bare):
+        raise ValueError(f"invalid header name {name!r}")
+    if _BAD_VALUE.search(value) or value[:1] in (" ", "\t") or value[-1:] in (" ", "\t"):
+        raise ValueError(f"invalid value for header {name!r}")
+    if bare in ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"):
+        raise ValueError(f"connection-specific header {name!r}")
+
+
+_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length, type, flags, stream id
+_END_STREAM = 0x1
+_PADDED = 0x8
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer with a fast path for whole, unpadded DATA frames on a stream: the
+    payload is copied once out of the buffer (h2 copies it twice and parses the 9-byte
+    header again on every partial read). Everything else goes through h2's own parser."""
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        buf = self._data
+        if len(buf) >= 9 and buf[3] == 0 and not buf[4] & _PADDED and not self._headers_buffer:
+            length = int.from_bytes(buf[0:3], "big")
+            stream_id = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            if stream_id and length <= self.max_frame_size:
+                if len(buf) < 9 + length:
+                    raise StopIteration
+                frame = hyperframe.frame.DataFrame(stream_id)
+                frame.parse_flags(buf[4])
+                with memoryview(buf) as view, view[9 : 9 + length] as body:
+                    frame.data = body.tobytes()
+                frame.body_len = length
+                del buf[: 9 + length]
+                return frame
+        return super().__next__()
+
+
 class _HboneH2Connection(h2.connection.H2Connection):
     """h2 treats every GOAWAY as the end of the connection: it drops queued output and refuses
     any further frame, so in-flight streams cannot finish. A drain needs the RFC 9113 §6.8
     behaviour: a NO_ERROR GOAWAY only stops *new* streams. (Checked against h2 4.4.1.)"""
+
+    # Output as a list of chunks: h2 copies a DATA payload five times on its way out (tobytes,
+    # body join, header + body, the bytearray buffer, bytes() of it); here a DATA frame's
+    # payload is kept as is and copied once, when data_to_send() joins the chunks.
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self._out: list[bytes] = []
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        if not frames:
+            return
+        out = self._out
+        if self._data_to_send:  # h2 wrote there directly (the preface): it goes first
+            out.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        for f in frames:
+            if type(f) is hyperframe.frame.DataFrame and "PADDED" not in f.flags:
+                data = f.data
+                if not isinstance(data, bytes):
+                    data = bytes(data)
+                n = len(data)
+                f.body_len = n
+                flags = _END_STREAM if "END_STREAM" in f.flags else 0
+                out.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, flags, f.stream_id))
+                if n:
+                    out.append(data)
+            else:
+                out.append(f.serialize())
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        if self._out:
+            if self._data_to_send:
+                self._out.append(bytes(self._data_to_send))
+            joined = b"".join(self._out)
+            self._out = []
+            if amount is None:
+                self._data_to_send = bytearray()
+                return joined
+            self._data_to_send = bytearray(joined)
+        return super().data_to_send(amount)
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._out = []
+        super().clear_outbound_data_buffer()
+
+    def has_output(self) -> bool:
+        return bool(self._out) or bool(self._data_to_send)
 
     def _receive_goaway_frame(self, frame: hyperframe.frame.GoAwayFrame):  # type: ignore[override]
         if frame.error_code != ErrorCodes.NO_ERROR:
@@ -206,9 +317,17 @@ def parse_connect(headers: list[tuple[bytes, bytes]] | list[tuple[str, str]]) ->
     return ConnectRequest(authority=authority, host=host, port=port, headers=plain)
 
 
+_trace_rng = random.Random()
+
+
 def new_traceparent() -> str:
-    """A random W3C traceparent, as ztunnel sends one per connection."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"
+    """A random W3C traceparent, as ztunnel sends one per connection.
+
+    Trace ids need to be unique, not secret: a PRNG seeded from the OS, instead of two
+    getrandom(2) calls per connection."""
+    trace = _trace_rng.getrandbits(128) or 1  # all-zero ids are invalid
+    span = _trace_rng.getrandbits(64) or 1
+    return f"00-{trace:032x}-{span:016x}-00"
 
 
 def connect_headers(
@@ -339,9 +458,18 @@ class HboneH2:
 
     def __init__(self, *, client_side: bool) -> None:
         self.client_side = client_side
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        # Outbound header blocks are ours (CONNECT, :status): open_request() checks them
+        # itself, cheaper than h2's generic validation and normalisation chain.
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = _HboneH2Connection(config)
+        self.h2.incoming_buffer = _FrameBuffer(server=not client_side)
         self.h2.decoder = _CappedDecoder()
+        self.h2.encoder = _PlainEncoder()
         self.max_header_list = CLIENT_MAX_HEADER_LIST if client_side else SERVER_MAX_HEADER_LIST
         self.goaway_received = False
         self.goaway_sent = False
@@ -370,7 +498,7 @@ class HboneH2:
 
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` would return bytes (saves waking the writer)."""
-        return bool(getattr(self.h2, "_data_to_send", True))
+        return self.h2.has_output()
 
     def ping(self) -> bytes:
         payload = secrets.token_bytes(8)
@@ -399,7 +527,15 @@ class HboneH2:
         sid = self.h2.get_next_available_stream_id()
         block = [(":method", "CONNECT"), (":authority", authority)]
         block += [(n.lower(), v) for n, v in headers]
-        self.h2.send_headers(sid, [(n.encode(), v.encode()) for n, v in block])
+        encoded = []
+        for n, v in block:
+            _check_header(n, v)
+            name = n.encode()
+            if name in _UNIQUE_PER_REQUEST:
+                encoded.append(hpack.NeverIndexedHeaderTuple(name, v.encode()))
+            else:
+                encoded.append((name, v.encode()))
+        self.h2.send_headers(sid, encoded)
         return sid
 
     def respond(self, stream_id: int, status: int, *, end_stream: bool = False) -> None:
@@ -420,9 +556,13 @@ class HboneH2:
         window = self.send_window(stream_id)
         frame = self.h2.max_outbound_frame_size
         sent = 0
+        whole = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
         while sent < len(view) and window > 0:
             n = min(window, frame, len(view) - sent)
-            self.h2.send_data(stream_id, view[sent : sent + n])
+            if whole is not None and n == len(view):
+                self.h2.send_data(stream_id, whole)  # h2 would copy a memoryview
+            else:
+                self.h2.send_data(stream_id, view[sent : sent + n])
             sent += n
             window -= n
         return sent
