@@ -1,8 +1,9 @@
 """The cases, their paths (the subject and its baselines) and the figures measured on each.
 
-A *case* is a scenario (L4 cross-node; later the L7 gateway). It has *paths*: the mesh path
-first, then its baselines (direct, and a C reference). A *figure* is one measurement run on
-every path (throughput, latency, …); it yields one or more *metrics* (rows of the report).
+A *case* is a scenario (L4 cross-node; L7 through a namespace gateway). It has *paths*: the
+mesh path first, then its baselines (direct, and a C reference). A *figure* is one measurement
+run on every path (throughput, latency, …); it yields one or more *metrics* (rows of the
+report).
 Paths are measured interleaved, figure by figure and repetition by repetition, so that load
 from elsewhere on the machine falls on all of them alike.
 """
@@ -10,7 +11,7 @@ from elsewhere on the machine falls on all of them alike.
 from __future__ import annotations
 
 import logging
-import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -23,10 +24,13 @@ from benchmarks import lab as labmod
 from benchmarks.lab import BenchLab
 from benchmarks.tools import (
     ToolOutputError,
+    h2load_cmd,
     iperf3_cmd,
     median,
+    parse_h2load,
     parse_iperf3,
     parse_wrk,
+    prom_sum,
     ratio,
     wrk_cmd,
 )
@@ -70,13 +74,20 @@ class Path:
     http_port: int
     iperf_host: str
     iperf_port: int
-    proxies: Callable[[], dict[str, list[int]]] = dict  # side -> pids; empty: no proxy
+    # role -> pids; empty: no proxy. Roles: "client" and "server" (the proxies at either end:
+    # node proxies, stunnel) and "gateway" (the L7 proxy in the middle: gateway, haproxy)
+    proxies: Callable[[], dict[str, list[int]]] = dict
     # descriptors one held connection costs the busiest proxy process of the path
     fds_per_conn: int = 1
+    h2_port: int | None = None  # where the path takes HTTP/2 prior knowledge, if it does
 
     @property
     def url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}/1k"
+
+    @property
+    def h2_url(self) -> str | None:
+        return f"http://{self.http_host}:{self.h2_port}/1k" if self.h2_port else None
 
 
 @dataclass
@@ -109,22 +120,51 @@ def _run_tool(lab: BenchLab, path: Path, cmd: list[str], timeout: float) -> str:
     return proc.stdout
 
 
-def _proxy_cpu(path: Path) -> float | None:
-    pids = [p for side in path.proxies().values() for p in side]
-    return labmod.cpu_seconds(pids) if pids else None
+def _proxy_cpu(path: Path) -> dict[str, float]:
+    """CPU seconds so far of each role's proxies (roles without pids are left out)."""
+    return {role: labmod.cpu_seconds(pids) for role, pids in path.proxies().items() if pids}
 
 
-def _timed(lab: BenchLab, path: Path, cmd: list[str], timeout: float) -> tuple[str, float | None]:
+@dataclass
+class Cpu:
+    """CPU seconds the path's proxies spent during one run, per role."""
+
+    by_role: dict[str, float]
+
+    @property
+    def total(self) -> float | None:
+        return sum(self.by_role.values()) if self.by_role else None
+
+    def of(self, *roles: str) -> float | None:
+        got = [self.by_role[r] for r in roles if r in self.by_role]
+        return sum(got) if got else None
+
+    def per_1k(self, value: float | None, requests: int) -> float | None:
+        return value / requests * 1000 if value is not None and requests else None
+
+
+def _timed(lab: BenchLab, path: Path, cmd: list[str], timeout: float) -> tuple[str, Cpu]:
     """Run a load tool; return its output and the CPU seconds the path's proxies spent."""
     before = _proxy_cpu(path)
     out = _run_tool(lab, path, cmd, timeout)
     after = _proxy_cpu(path)
-    cpu = after - before if before is not None and after is not None else None
-    return out, cpu
+    return out, Cpu({r: after[r] - before[r] for r in before if r in after})
 
 
-def _wrk(lab: BenchLab, path: Path, mode: Mode, **kw: object
-         ) -> tuple[float, float | None, dict[int, float], int]:
+@dataclass
+class LoadRun:
+    requests_per_second: float
+    requests: int
+    cpu: Cpu
+    latency_ms: dict[int, float]
+
+    def cpu_per_1k(self, *roles: str) -> float | None:
+        """CPU seconds per 1000 requests of the given roles' proxies (all without roles)."""
+        value = self.cpu.of(*roles) if roles else self.cpu.total
+        return self.cpu.per_1k(value, self.requests)
+
+
+def _wrk(lab: BenchLab, path: Path, mode: Mode, **kw: object) -> LoadRun:
     cmd = wrk_cmd(path.url, mode.seconds, **kw)  # type: ignore[arg-type]
     out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
     try:
@@ -136,8 +176,7 @@ def _wrk(lab: BenchLab, path: Path, mode: Mode, **kw: object
     if res.errors:
         log.warning("%s: wrk saw errors: %s, non-2xx %d", path.name, res.socket_errors,
                     res.non_2xx)
-    per_1k = cpu / res.requests * 1000 if cpu is not None else None
-    return res.requests_per_second, per_1k, res.latency_ms, res.errors
+    return LoadRun(res.requests_per_second, res.requests, cpu, res.latency_ms)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -151,12 +190,19 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     M("lat_p99", "latency p99, 1 connection", "ms", "lower"),
     M("lat_added_p50", "added p50 latency over direct", "ms", "lower"),
     M("rps", "requests/s, 32 connections", "req/s", "higher"),
-    M("rps_cpu", "proxy CPU per 1000 requests (both sides)", "CPU s", "lower"),
+    M("rps_cpu", "proxy CPU per 1000 requests (all proxies of the path)", "CPU s", "lower"),
+    M("rps_cpu_gw", "gateway / haproxy CPU per 1000 requests", "CPU s", "lower"),
+    M("rps_cpu_np", "node proxies' CPU per 1000 requests (both)", "CPU s", "lower"),
+    M("h2_rps", "HTTP/2 requests/s, 4 conns × 8 streams (h2load)", "req/s", "higher"),
+    M("h2_cpu", "proxy CPU per 1000 HTTP/2 requests (all proxies)", "CPU s", "lower"),
+    M("h2_cpu_gw", "gateway / haproxy CPU per 1000 HTTP/2 requests", "CPU s", "lower"),
     M("cps", "new connections/s (Connection: close, 32 conc.)", "conn/s", "higher"),
-    M("cps_cpu", "proxy CPU per 1000 connections (both sides)", "CPU s", "lower"),
+    M("cps_cpu", "proxy CPU per 1000 connections (all proxies of the path)", "CPU s", "lower"),
     M("rss_idle_src", "proxy RSS idle, client side", "MB", "lower"),
     M("rss_idle_dst", "proxy RSS idle, server side", "MB", "lower"),
+    M("rss_gw_idle", "gateway / haproxy RSS idle", "MB", "lower"),
 ]}
+H2_STREAMS = 8  # streams per HTTP/2 connection; connections = concurrency / H2_STREAMS
 
 
 def conn_metrics(n: int) -> list[Metric]:
@@ -168,10 +214,19 @@ def conn_metrics(n: int) -> list[Metric]:
     ]
 
 
+def gw_conn_metrics(n: int) -> list[Metric]:
+    return [
+        Metric(f"rss_gw_{n}", f"gateway / haproxy RSS with {n} idle conns", "MB", "lower"),
+        Metric(f"kb_per_conn_gw_{n}", f"gateway / haproxy KB per idle conn at {n}", "KB",
+               "lower"),
+    ]
+
+
 def fig_throughput(streams: int) -> Callable[[BenchLab, Path, Mode, Samples], None]:
     def run(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
         cmd = iperf3_cmd(path.iperf_host, path.iperf_port, mode.seconds, streams)
-        out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
+        out, run_cpu = _timed(lab, path, cmd, mode.seconds + 30)
+        cpu = run_cpu.total
         try:
             res = parse_iperf3(out)
         except ToolOutputError as e:
@@ -184,21 +239,45 @@ def fig_throughput(streams: int) -> Callable[[BenchLab, Path, Mode, Samples], No
 
 
 def fig_latency(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
-    _, _, lat, _ = _wrk(lab, path, mode, connections=1, latency=True)
+    lat = _wrk(lab, path, mode, connections=1, latency=True).latency_ms
     s.add("lat_p50", path.name, lat.get(50))
     s.add("lat_p99", path.name, lat.get(99))
 
 
 def fig_rps(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
-    rps, per_1k, _, _ = _wrk(lab, path, mode, connections=mode.concurrency)
-    s.add("rps", path.name, rps)
-    s.add("rps_cpu", path.name, per_1k)
+    run = _wrk(lab, path, mode, connections=mode.concurrency)
+    s.add("rps", path.name, run.requests_per_second)
+    s.add("rps_cpu", path.name, run.cpu_per_1k())
+    # the split by role (shown by the L7 case): the gateway in the middle, the node proxies
+    s.add("rps_cpu_gw", path.name, run.cpu_per_1k("gateway"))
+    s.add("rps_cpu_np", path.name, run.cpu_per_1k("client", "server"))
+
+
+def fig_h2_rps(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    """HTTP/2 (prior knowledge) at the same concurrency as `rps`: fewer connections, streams."""
+    if path.h2_url is None:
+        s.notes.append(f"{path.name}: HTTP/2 not measured: the path does not speak it")
+        return
+    conns = max(1, mode.concurrency // H2_STREAMS)
+    cmd = h2load_cmd(path.h2_url, mode.seconds, conns, H2_STREAMS)
+    out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
+    try:
+        res = parse_h2load(out)
+    except ToolOutputError as e:
+        raise FigureError(f"{path.name}: {e}") from e
+    if res.status_2xx == 0:
+        raise FigureError(f"{path.name}: h2load completed no request: {out.strip()[-300:]}")
+    if res.errors:
+        log.warning("%s: h2load saw %d failed/errored/non-2xx requests", path.name, res.errors)
+    s.add("h2_rps", path.name, res.requests_per_second)
+    s.add("h2_cpu", path.name, cpu.per_1k(cpu.total, res.succeeded))
+    s.add("h2_cpu_gw", path.name, cpu.per_1k(cpu.of("gateway"), res.succeeded))
 
 
 def fig_conn_rate(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
-    rps, per_1k, _, _ = _wrk(lab, path, mode, connections=mode.concurrency, close=True)
-    s.add("cps", path.name, rps)
-    s.add("cps_cpu", path.name, per_1k)
+    run = _wrk(lab, path, mode, connections=mode.concurrency, close=True)
+    s.add("cps", path.name, run.requests_per_second)
+    s.add("cps_cpu", path.name, run.cpu_per_1k())
 
 
 def _rss_mb(pids: list[int]) -> float | None:
@@ -230,10 +309,28 @@ def fig_memory(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
         s.add(f"kb_per_conn_{n}", path.name, sum(grown) * 1024 / n if grown else None)
 
 
+def fig_gateway_memory(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    """RSS of the path's gateway (or haproxy) idle, then with N idle connections through it."""
+    gw = path.proxies().get("gateway", [])
+    if not gw:
+        return  # no proxy in the middle of this path
+    idle = _rss_mb(gw)
+    s.add("rss_gw_idle", path.name, idle)
+    for n in mode.idle_conns:
+        limit = _nofile_limit()
+        if n * path.fds_per_conn + 256 > limit:
+            s.notes.append(f"{path.name}: {n} connections not measured: each costs a "
+                           f"{path.label} process {path.fds_per_conn} descriptors and the "
+                           f"limit here is {limit}")
+            continue
+        held, _ = _hold(lab, path, n, lambda: (_rss_mb(gw), None))
+        s.add(f"rss_gw_{n}", path.name, held)
+        grown = held - idle if held is not None and idle is not None else None
+        s.add(f"kb_per_conn_gw_{n}", path.name, grown * 1024 / n if grown is not None else None)
+
+
 def _nofile_limit() -> int:
-    """The descriptor limit the lab's processes get (the harness raises it to its hard limit)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return labmod.NOFILE if hard == resource.RLIM_INFINITY else min(hard, labmod.NOFILE)
+    return labmod.nofile_limit()
 
 
 def _hold(lab: BenchLab, path: Path, n: int,
@@ -287,6 +384,8 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     Figure("latency", fig_latency),
     Figure("rps", fig_rps),
     Figure("conn-rate", fig_conn_rate),
+    Figure("gateway-memory", fig_gateway_memory, repeat=False),
+    Figure("h2-rps", fig_h2_rps),
 ]}
 
 
@@ -301,6 +400,10 @@ class Case:
     # None when the case can run here, else why not (the report lists it as not run)
     unavailable: Callable[[], str | None]
     paths: Callable[[BenchLab], list[Path]]
+    # after every path answered: make sure each path is what it claims (raises BenchLabError)
+    check: Callable[[BenchLab, list[Path], Samples], None] | None = None
+    # per figure, the metric rows this case shows when they differ from the default
+    rows: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def l4_paths(lab: BenchLab) -> list[Path]:
@@ -322,37 +425,88 @@ def l4_paths(lab: BenchLab) -> list[Path]:
 
 
 def l7_unavailable() -> str | None:
-    # The hook for the L7 case (issue: the L7 gateway). When `l7gateway.gateway` exists:
-    # add a namespace labelled `nodeproxy.io/l7-gateway: enabled` with a Service in front of
-    # the nginx server pod to lab.lab_yaml, and return from `l7_paths` the paths
-    # mesh (client -> service VIP -> gateway -> server), direct (plain client -> server) and
-    # haproxy (an HTTP proxy with TLS on the same hop); the HTTP figures below then apply.
     if find_spec("l7gateway.gateway") is None:
-        return "the L7 gateway is not built yet (no l7gateway.gateway module)"
-    return "the L7 case is not wired into the harness yet (benchmarks/cases.py: l7_paths)"
+        return "the L7 gateway is not built (no l7gateway.gateway module)"
+    missing = [t for t in ("haproxy", "h2load", "wrk") if shutil.which(t) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
+    return None
 
 
 def l7_paths(lab: BenchLab) -> list[Path]:
-    raise NotImplementedError("see l7_unavailable")
+    """mesh: the Service VIP through the gateway; direct; haproxy on the gateway's node."""
+    vip = lab.service_ip(labmod.L7_NS, labmod.L7_SERVICE)
+    plain_srv, haproxy = lab.pod("plain/server"), lab.pod("plain/haproxy")
+
+    def mesh_proxies() -> dict[str, list[int]]:
+        return {"client": [lab.node_proxy_pid(lab.pod("mesh/client").node)],
+                "gateway": lab.gateway_pids(labmod.L7_NS),
+                "server": [lab.node_proxy_pid(lab.pod(f"{labmod.L7_NS}/server").node)]}
+
+    return [
+        Path("mesh", "node proxy ═HBONE═ L7 gateway ═HBONE═ node proxy", "mesh/client", vip,
+             labmod.L7_SERVICE_PORT, "", 0, mesh_proxies, h2_port=labmod.L7_SERVICE_PORT),
+        Path("direct", "direct (no mesh)", "plain/client", plain_srv.ip, labmod.NGINX_PORT,
+             "", 0, h2_port=labmod.NGINX_H2C_PORT),
+        Path("haproxy", "haproxy 1 thread (C; HTTP in, mTLS to nginx)", "plain/client",
+             haproxy.ip, labmod.HAPROXY_H1_PORT, "", 0,
+             lambda: {"gateway": lab.haproxy_pids()}, fds_per_conn=2,
+             h2_port=labmod.HAPROXY_H2_PORT),
+    ]
+
+
+def l7_check(lab: BenchLab, paths: list[Path], s: Samples) -> None:
+    """The mesh path really crosses the gateway (until the gateway is up, the mesh sends the
+    service's traffic L4-only), and haproxy sits on the gateway's node."""
+    gw_pod = lab.pod(labmod.L7_GATEWAY_POD)
+    mesh = paths[0]
+
+    def counted() -> float:
+        p = lab.run_in(labmod.L7_GATEWAY_POD, ["curl", "-sS", "-m", "5",
+                                               "http://127.0.0.1:15020/metrics"], 10)
+        return prom_sum(p.stdout, "istio_requests_total") if p.returncode == 0 else -1.0
+
+    deadline = time.monotonic() + 60
+    while True:
+        before = counted()
+        lab.wait_http(mesh.client_pod, mesh.url, timeout=30)
+        if before >= 0 and counted() > before:
+            break
+        if time.monotonic() > deadline:
+            raise labmod.BenchLabError("requests to the L7 service do not reach the gateway")
+        time.sleep(0.5)
+    if lab.pod("plain/haproxy").node != gw_pod.node:
+        s.notes.append(f"haproxy runs on {lab.pod('plain/haproxy').node}, the gateway on "
+                       f"{gw_pod.node}: not the same node")
+
+
+L7_ROWS: dict[str, tuple[str, ...]] = {
+    "rps": ("rps", "rps_cpu", "rps_cpu_gw", "rps_cpu_np"),
+}
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("l4-cross-node", "L4 cross-node, meshed pod -> meshed pod",
-         tuple(FIGURES), lambda: None, l4_paths),
+         ("memory", "throughput-1", "throughput-8", "latency", "rps", "conn-rate"),
+         lambda: None, l4_paths),
     Case("l7-gateway", "L7 through a namespace gateway",
-         ("memory", "latency", "rps", "conn-rate"), l7_unavailable, l7_paths),
+         ("gateway-memory", "latency", "rps", "h2-rps", "conn-rate"), l7_unavailable, l7_paths,
+         check=l7_check, rows=L7_ROWS),
 ]}
 
 
 def metrics_for(case: Case, mode: Mode) -> list[Metric]:
     """The rows of a case's table, in order."""
-    keys = {
-        "memory": ["rss_idle_src", "rss_idle_dst"],
-        "throughput-1": ["tput_1", "tput_1_cpu"],
-        "throughput-8": ["tput_8"],
-        "latency": ["lat_p50", "lat_p99", "lat_added_p50"],
-        "rps": ["rps", "rps_cpu"],
-        "conn-rate": ["cps", "cps_cpu"],
+    keys: dict[str, tuple[str, ...]] = {
+        "memory": ("rss_idle_src", "rss_idle_dst"),
+        "throughput-1": ("tput_1", "tput_1_cpu"),
+        "throughput-8": ("tput_8",),
+        "latency": ("lat_p50", "lat_p99", "lat_added_p50"),
+        "rps": ("rps", "rps_cpu"),
+        "conn-rate": ("cps", "cps_cpu"),
+        "gateway-memory": ("rss_gw_idle",),
+        "h2-rps": ("h2_rps", "h2_cpu", "h2_cpu_gw"),
+        **case.rows,
     }
     out: list[Metric] = []
     for f in case.figures:
@@ -360,6 +514,9 @@ def metrics_for(case: Case, mode: Mode) -> list[Metric]:
         if f == "memory":
             for n in mode.idle_conns:
                 out += conn_metrics(n)
+        if f == "gateway-memory":
+            for n in mode.idle_conns:
+                out += gw_conn_metrics(n)
     return out
 
 
@@ -367,6 +524,8 @@ def warm_up(lab: BenchLab, paths: list[Path]) -> None:
     """Every path answers (and the mesh's pooled connection and stunnel's session exist)."""
     for p in paths:
         lab.wait_http(p.client_pod, p.url, timeout=60)
+        if p.h2_url:
+            lab.wait_http(p.client_pod, p.h2_url, 60, "--http2-prior-knowledge")
 
 
 def measure_case(lab: BenchLab, case: Case, mode: Mode, figures: list[str]) -> Samples:
@@ -374,6 +533,8 @@ def measure_case(lab: BenchLab, case: Case, mode: Mode, figures: list[str]) -> S
     paths = case.paths(lab)
     warm_up(lab, paths)
     s = Samples()
+    if case.check:
+        case.check(lab, paths, s)
     chosen = [FIGURES[f] for f in case.figures if f in figures]
     for rep in range(mode.reps):
         for fig in chosen:

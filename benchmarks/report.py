@@ -49,6 +49,8 @@ def machine() -> dict[str, Any]:
             "wrk": _version(["wrk", "-v"]),
             "stunnel": _version(["stunnel4", "-version"]),
             "nginx": _version(["nginx", "-v"]),
+            "haproxy": _version(["haproxy", "-v"]),
+            "h2load": _version(["h2load", "--version"]),
         },
     }
 
@@ -144,10 +146,39 @@ def l4_goals(case: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def l7_goals(case: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """The issue's L7 goals: the gateway against haproxy, both on one core."""
+    out: list[tuple[str, str, bool | None]] = []
+    r = _ratio(case, "rps", "mesh/haproxy")
+    out.append(("L7 gateway ≥ 0.5× haproxy's requests/s on one core (HTTP/1.1, 32 conns)",
+                fmt_ratio(r) if r is not None else "not measured",
+                None if r is None else r >= 0.5))
+    v = _value(case, "lat_added_p50")
+    out.append(("added p50 latency over direct ≤ 1 ms",
+                f"{fmt_value(v)} ms" if v is not None else "not measured",
+                None if v is None else v <= 1.0))
+    return out
+
+
+GOALS = {"l4-cross-node": l4_goals, "l7-gateway": l7_goals}
+
+# what the proxy rows of each case count
+ABOUT = {
+    "l7-gateway": (
+        "Proxy CPU counts every proxy of the path: on the mesh path the gateway and the two "
+        "node proxies (client side, server side), on the haproxy path haproxy; the "
+        "\"gateway / haproxy\" rows count only the proxy in the middle. Both run on one core "
+        "(the gateway is one process, haproxy has `nbthread 1`). haproxy's leg to nginx is "
+        "TLS 1.3 with client certificates (mTLS); the client's leg to haproxy is plain HTTP, "
+        "where the mesh encrypts both hops (node proxy → gateway → node proxy)."
+    ),
+}
+
+
 def goals_section(case: dict[str, Any]) -> list[str]:
     lines = ["", "Goals of issue 4 for this case:", "", "| goal | this run | met |",
              "|---|---:|:---:|"]
-    for goal, got, ok in l4_goals(case):
+    for goal, got, ok in GOALS[case["name"]](case):
         lines.append(f"| {goal} | {got} | {'—' if ok is None else ('yes' if ok else 'no')} |")
     return lines
 
@@ -169,9 +200,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"median of {results['settings']['reps']} repetition(s), paths interleaved; "
         f"idle connections held: {', '.join(map(str, results['settings']['idle_conns']))}",
         "- ↑ higher is better, ↓ lower is better. Ratios are the mesh's figure divided by the "
-        "baseline's. Proxy CPU and memory count the two node proxies of the path (client "
-        "side on node-a, server side on node-b), or the two stunnel processes; the direct "
-        "path has none.",
+        "baseline's. Unless a case says otherwise, proxy CPU and memory count the two node "
+        "proxies of the path (client side on node-a, server side on node-b), or the two "
+        "stunnel processes; the direct path has none.",
         "",
     ]
     for case in results["cases"]:
@@ -181,8 +212,10 @@ def markdown(results: dict[str, Any]) -> str:
             out += [f"Not run: {case['reason']}", ""]
             continue
         out += [", ".join(f"**{p['name']}**: {p['label']}" for p in case["paths"]), ""]
+        if case["name"] in ABOUT:
+            out += [ABOUT[case["name"]], ""]
         out += case_table(case)
-        if case["name"] == "l4-cross-node":
+        if case["name"] in GOALS:
             out += goals_section(case)
         if case.get("notes"):
             out += ["", "Notes:", ""]

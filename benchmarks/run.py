@@ -7,6 +7,7 @@ results.json, and always takes the lab down again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -87,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if runnable:
         # the pods serve files from here: it lives as long as the lab (kept with --keep)
         workdir = Path(tempfile.mkdtemp(prefix="nodeproxy-bench-"))
-        lab = BenchLab(args.lab_dir, args.prefix, workdir)
+        # the L7 case's namespace, gateway and haproxy only when it runs
+        lab = BenchLab(args.lab_dir, args.prefix, workdir,
+                       l7=any(c.name == "l7-gateway" for c in runnable))
         try:
             t0 = time.monotonic()
             try:
@@ -131,9 +134,7 @@ def _measure(lab: BenchLab, case: cases.Case, mode: cases.Mode, figures: list[st
     except Exception as e:  # a broken case is reported; the other cases still run
         log.exception("case %s failed", case.name)
         return {**entry, "status": "failed", "reason": f"{type(e).__name__}: {e}"}
-    chosen = cases.Case(case.name, case.title,
-                        tuple(f for f in case.figures if f in figures),
-                        case.unavailable, case.paths)
+    chosen = dataclasses.replace(case, figures=tuple(f for f in case.figures if f in figures))
     names = [p.name for p in paths]
     return {
         **entry,

@@ -143,6 +143,74 @@ def parse_wrk(text: str) -> WrkResult:
     )
 
 
+# -- h2load -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class H2loadResult:
+    requests_per_second: float
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    status_2xx: int
+
+    @property
+    def errors(self) -> int:
+        # h2load also counts the status of responses that arrive after the end of the run
+        return self.failed + self.errored + self.timeout + max(0, self.succeeded - self.status_2xx)
+
+
+def h2load_cmd(url: str, seconds: float, connections: int, streams: int) -> list[str]:
+    """A timed h2load run (HTTP/2 prior knowledge on an http:// URL), one thread."""
+    return ["h2load", "-t", "1", "-c", str(connections), "-m", str(streams),
+            "-D", str(max(1, round(seconds))), url]
+
+
+_H2_FINISHED = re.compile(r"^finished in [0-9.]+\w+, ([0-9.]+) req/s", re.M)
+_H2_REQUESTS = re.compile(
+    r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+    r"(\d+) errored, (\d+) timeout", re.M)
+_H2_STATUS = re.compile(r"^status codes: (\d+) 2xx", re.M)
+
+
+def parse_h2load(text: str) -> H2loadResult:
+    """h2load's totals; output without them (it could not connect at all) raises."""
+    fin, req = _H2_FINISHED.search(text), _H2_REQUESTS.search(text)
+    if fin is None or req is None:
+        raise ToolOutputError(f"h2load printed no summary: {text[-300:]!r}")
+    status = _H2_STATUS.search(text)
+    succeeded = int(req.group(4))
+    return H2loadResult(
+        requests_per_second=float(fin.group(1)),
+        succeeded=succeeded,
+        failed=int(req.group(5)),
+        errored=int(req.group(6)),
+        timeout=int(req.group(7)),
+        status_2xx=int(status.group(1)) if status else succeeded,
+    )
+
+
+# -- Prometheus text ----------------------------------------------------------------------------
+
+
+def prom_sum(text: str, name: str) -> float:
+    """The sum of all samples of a metric (every label set) in Prometheus text format."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name):]
+        if rest[:1] not in ("{", " "):
+            continue  # another metric whose name starts the same
+        value = rest.rsplit("}", 1)[-1].split()
+        try:
+            total += float(value[0])
+        except (IndexError, ValueError):
+            log.debug("unreadable sample: %r", line)
+    return total
+
+
 # -- /proc ------------------------------------------------------------------------------------
 
 

@@ -12,14 +12,17 @@ import pytest
 from benchmarks import cases, lab, report
 from benchmarks.tools import (
     ToolOutputError,
+    h2load_cmd,
     iperf3_cmd,
     median,
     parse_cpu_model,
     parse_duration_ms,
+    parse_h2load,
     parse_iperf3,
     parse_proc_stat_cpu_ticks,
     parse_status_kb,
     parse_wrk,
+    prom_sum,
     ratio,
     wrk_cmd,
 )
@@ -244,3 +247,144 @@ def test_goals_are_judged_from_the_run_and_unmeasured_ones_say_so():
     assert [ok for _, ok in got.values()] == [True, False, None, True, False, True]
     assert got["≥ 3,000 new tunneled connections/s"] == ("not measured", None)
     assert any("at 1000" in goal for goal in got)
+
+
+# recorded from h2load (nghttp2 1.52.0, Debian) through the L7 gateway: 32 responses arrived
+# after the end of the run and are in the status counts but not in "succeeded"
+H2LOAD = """\
+starting benchmark...
+spawning thread #0: 4 total client(s). Timing-based test with 0s of warm-up time and 2s of main \
+duration for measurements.
+Application protocol: h2c
+Main benchmark duration is over for thread #0. Stopping all clients.
+Stopped all clients for thread #0
+
+finished in 2.00s, 502.50 req/s, 520.08KB/s
+requests: 1005 total, 1037 started, 1005 done, 1005 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 1037 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 1.02MB (1065127) total, 8.27KB (8472) headers (space savings 95.29%), 1005.00KB \
+(1029120) data
+                     min         max         mean         sd        +/- sd
+time for request:    28.91ms    157.23ms     63.03ms     20.20ms    76.52%
+time for connect:       84us       155us       126us        30us    75.00%
+time to 1st byte:    64.09ms     65.35ms     65.03ms       626us    75.00%
+req/s           :     121.96      127.96      125.59        2.75    75.00%
+"""
+
+# nothing listening: h2load still prints its totals, all of them failures
+H2LOAD_REFUSED = """\
+starting benchmark...
+spawning thread #0: 1 total client(s). 10 total requests
+
+finished in 272us, 0.00 req/s, 0B/s
+requests: 10 total, 0 started, 0 done, 0 succeeded, 10 failed, 10 errored, 0 timeout
+status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 0B (0) total, 0B (0) headers (space savings 0.00%), 0B (0) data
+"""
+
+
+def test_h2load_totals():
+    res = parse_h2load(H2LOAD)
+    assert res.requests_per_second == 502.5
+    assert (res.succeeded, res.failed, res.status_2xx) == (1005, 0, 1037)
+    assert res.errors == 0  # late responses are not errors
+    refused = parse_h2load(H2LOAD_REFUSED)
+    assert refused.status_2xx == 0 and refused.errors == 20
+    with pytest.raises(ToolOutputError):
+        parse_h2load("h2load: invalid option -- 'x'\n")
+
+
+def test_h2load_command_line():
+    assert h2load_cmd("http://10.96.0.2:80/1k", 0.4, 4, 8) == [
+        "h2load", "-t", "1", "-c", "4", "-m", "8", "-D", "1", "http://10.96.0.2:80/1k"]
+
+
+def test_prometheus_sum_over_label_sets():
+    text = """\
+# HELP istio_requests_total Requests.
+# TYPE istio_requests_total counter
+istio_requests_total{response_code="200",source_workload="client"} 12.0
+istio_requests_total{response_code="503",source_workload="client"} 3
+istio_requests_total_created{response_code="200"} 1.7e9
+istio_request_bytes_sum 99
+"""
+    assert prom_sum(text, "istio_requests_total") == 15.0
+    assert prom_sum(text, "absent_total") == 0.0
+
+
+def test_l7_lab_file_adds_the_gateway_namespace_and_haproxy(tmp_path: Path):
+    from nodeproxy.lab.spec import parse_lab
+
+    res = parse_lab(lab.lab_yaml(tmp_path, l7=True)).resources
+    assert res.namespaces["l7"]["metadata"]["labels"] == {
+        "nodeproxy.io/dataplane-mode": "ambient", "nodeproxy.io/l7-gateway": "enabled"}
+    assert res.pods["l7/server"].node == "node-b"
+    # the C reference runs where the lab puts the namespace's gateway
+    assert res.pods["plain/haproxy"].node == lab.L7_GATEWAY_NODE
+    assert "plain/haproxy" in res.pods and "l7/web" in res.services
+    svc = res.services["l7/web"]
+    assert [(p.port, p.target_port) for p in svc.ports] == [(80, lab.NGINX_PORT)]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None or shutil.which("haproxy") is None,
+                    reason="nginx or haproxy not installed")
+def test_nginx_and_haproxy_accept_the_l7_configs(tmp_path: Path):
+    from benchmarks import pki
+
+    paths = pki.write_stunnel_pki(tmp_path / "pki")
+    paths["client_pem_key"] = tmp_path / "pki" / "combined.pem"
+    paths["client_pem_key"].write_bytes(paths["client"].read_bytes()
+                                        + paths["client_key"].read_bytes())
+    d = tmp_path / "nginx"
+    (d / "tmp").mkdir(parents=True)
+    conf = lab.nginx_conf(d, h2c=True, tls=paths)
+    assert "ssl_verify_client on;" in conf and f"listen {lab.NGINX_H2C_PORT} http2" in conf
+    (d / "nginx.conf").write_text(conf)
+    p = subprocess.run(["nginx", "-t", "-c", str(d / "nginx.conf"), "-e", str(d / "err.log")],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p.stderr
+    hap = lab.haproxy_conf(tmp_path, paths, "10.244.2.3")
+    assert "nbthread 1" in hap and "verify required" in hap and "proto h2" in hap
+    assert f"10.244.2.3:{lab.NGINX_TLS_PORT} ssl" in hap
+    (tmp_path / "haproxy.cfg").write_text(hap)
+    p = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / "haproxy.cfg")],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_l7_rows_split_cpu_by_proxy_and_goals_compare_with_haproxy(tmp_path: Path):
+    case = cases.CASES["l7-gateway"]
+    keys = [m.key for m in cases.metrics_for(case, cases.MODES["smoke"])]
+    for key in ("rss_gw_idle", "rss_gw_20", "kb_per_conn_gw_20", "lat_added_p50", "rps",
+                "rps_cpu_gw", "rps_cpu_np", "h2_rps", "h2_cpu_gw", "cps"):
+        assert key in keys
+    l4_keys = [m.key for m in cases.metrics_for(cases.CASES["l4-cross-node"],
+                                                cases.MODES["smoke"])]
+    assert not {"rps_cpu_gw", "h2_rps", "rss_gw_idle"} & set(l4_keys)  # L7 rows stay in L7
+
+    run = cases.LoadRun(1000.0, 2000, cases.Cpu({"client": 0.5, "gateway": 2.0,
+                                                 "server": 0.5}), {})
+    assert run.cpu_per_1k() == 1.5 and run.cpu_per_1k("gateway") == 1.0
+    assert run.cpu_per_1k("client", "server") == 0.5
+    assert cases.LoadRun(1.0, 10, cases.Cpu({}), {}).cpu_per_1k() is None  # no proxy
+
+    s = cases.Samples()
+    for path, p50, rps in (("mesh", 1.5, 3000.0), ("direct", 0.1, 20000.0),
+                           ("haproxy", 0.3, 5000.0)):
+        s.add("lat_p50", path, p50)
+        s.add("rps", path, rps)
+    names = ["mesh", "direct", "haproxy"]
+    cases.derive(s, names)
+    rows = cases.summarize(s, cases.metrics_for(case, cases.MODES["smoke"]), names)
+    entry = {"name": case.name, "title": case.title, "status": "ok", "errors": [],
+             "paths": [{"name": n, "label": n} for n in names], "metrics": rows}
+    got = {goal: (text, ok) for goal, text, ok in report.l7_goals(entry)}
+    assert list(got.values()) == [("0.60×", True), ("1.40 ms", False)]
+    results = {"date": "2026-01-01T00:00:00+00:00", "mode": "smoke",
+               "settings": {"seconds": 1, "reps": 1, "idle_conns": [20], "concurrency": 32},
+               "machine": report.machine(), "cases": [entry]}
+    md, _ = report.write(results, tmp_path)
+    text = md.read_text()
+    assert "| requests/s, 32 connections ↑ | req/s | 3,000 | 20,000 | 5,000 | 0.15× | 0.60× |" \
+        in text
+    assert "haproxy's requests/s on one core" in text and "mTLS" in text
