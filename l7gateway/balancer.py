@@ -207,6 +207,16 @@ class Balancer:
         elif s.ejected_until is None and s.failures >= self.consecutive_failures:
             self._eject(token.endpoint, s, now)
 
+    def release(self, token: Token) -> None:
+        """The request ended without telling anything about the endpoint (the client went
+        away, or the whole request was cancelled): only its pending count drops."""
+        s = self._stats.get(token.endpoint)
+        if s is None or token.generation != s.generation:
+            return
+        s.pending = max(0, s.pending - 1)
+        if token.probe:
+            s.probing = False  # let another request probe
+
     def _eject(self, ep: str, s: _Stats, now: float) -> None:
         duration = min(self.base_ejection * 2 ** min(s.ejections, 32), self.max_ejection)
         s.ejections += 1

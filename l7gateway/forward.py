@@ -555,7 +555,17 @@ class Forwarder:
             return result
         finally:
             if st.token is not None:
-                bal.finish(st.token, ok=False)
+                upstream_broke = (
+                    isinstance(failure, Exception)
+                    and not isinstance(failure, ClientGone)
+                    and st.client_gone is None
+                )
+                if upstream_broke:
+                    bal.finish(st.token, ok=False)
+                else:
+                    # the client left or the request was cancelled from outside: that says
+                    # nothing about the endpoint, so it must not count toward an ejection
+                    bal.release(st.token)
             if st.exchange is not None:
                 with trio.CancelScope(shield=True):
                     await st.exchange.finish(st.ok)

@@ -241,3 +241,15 @@ def test_fast_failures_do_not_attract_traffic():
         serve(b, clock, "good", 0.050)
         serve(b, clock, "bad", 0.0001, ok=False)
     assert b.cost("bad") >= b.cost("good") * 0.5
+
+
+def test_requests_the_client_abandoned_never_eject_an_endpoint():
+    b, clock = balancer(("a", "b", "c"))
+    for _ in range(50):  # e.g. a load generator cancelling its in-flight requests
+        t = b.start("a")
+        clock.advance(0.001)
+        b.release(t)
+    assert not b.ejected("a")
+    assert b.cost("a") == b.cost("b")  # nothing pending, nothing learned
+    fail(b, clock, "a", 7)
+    assert b.ejected("a")  # real failures still count
