@@ -435,3 +435,20 @@ def test_retry_attempts_are_bounded(gw: Lab):
 def test_backend_request_timeout_bounds_one_attempt(gw: Lab):
     assert status_of(gw, "http://allbad.web/backend-slow?delay=2") == 504
     assert status_of(gw, "http://allbad.web/backend-slow?delay=0") == 200
+
+
+def test_request_bodies_are_replayed_on_retry_within_the_buffer(gw: Lab):
+    body = "x" * 10_000
+    script = LOOP.replace("counts[\"%d %s\" % (r.status, pod)] += 1",
+                          "counts[\"%d %s %s\" % (r.status, pod, json.loads(data)"
+                          ".get('body_bytes'))] += 1")
+    proc = gw.exec("front/client", sys.executable, "-c", script.format(
+        host="replay-small.web", port=80, n=20, method="PUT", path="/", body=body, headers={}),
+        timeout=120)
+    assert json.loads(proc.stdout) == {"200 flaky-good 10000": 20}
+
+
+def test_request_bodies_past_the_buffer_are_not_retried(gw: Lab):
+    counts = loop(gw, 30, "replay-big.web", method="PUT", body="y" * 100_000)
+    assert counts.get("503 flaky-bad", 0) > 0, counts  # never replayed past 64 KiB
+    assert counts.get("200 flaky-good", 0) > 0, counts
