@@ -130,8 +130,9 @@ def show_gateway() -> None:
     print("  retries 503 up to 3 times), 30 GET requests:")
     for key, n in sorted(counts.items()):
         print(f"    {n:>4} x {key}")
-    print(f"    the gateway retried {after - before} time(s) and every request succeeded; after a")
-    print("    few failures it also ejected pay-broken, so later requests went to pay-ok directly")
+    print(f"    the gateway retried {after - before} time(s) and every request succeeded; its")
+    print("    balancer (two random choices, by latency and failures; ejection after repeated")
+    print("    failures) also learns to keep traffic away from pay-broken")
     counts = request_loop("pay.store", 30, "POST", "pay=1")
     print("  the same with 30 POST requests (not idempotent: never retried after a 503):")
     for key, n in sorted(counts.items()):
