@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 import random
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
@@ -49,7 +48,7 @@ from l7gateway.upstream import AttemptError, Exchange, RequestHead, ResponseHead
 from nodeproxy import identity as spiffe
 from nodeproxy.model import MeshState, Service, ServicePort, Workload
 from nodeproxy.routes import BackendRef, HeaderModifier, RetryPolicy
-from nodeproxy.telemetry.accesslog import log_connection
+from nodeproxy.telemetry import accesslog
 from nodeproxy.telemetry.metrics import ConnectionLabels, ProxyMetrics
 from ztunnel.endpoints import Endpoint, candidates
 from ztunnel.hbone.protocol import format_authority
@@ -65,6 +64,11 @@ HOP_BY_HOP = frozenset({
 })
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 MIRROR_TIMEOUT = 5.0
+_INF = float("inf")
+# trace span ids and request ids need to be unique, not secret: a PRNG seeded from the OS
+# saves two getrandom(2) calls per request
+_ids = random.Random()
+_CACHE_MAX = 10_000
 
 
 class ClientGone(Exception):
@@ -114,6 +118,8 @@ class Downstream:
     src_port: int = 0
     protocol: str = "http/1.1"  # "http/1.1" | "h2"
     source: Workload | None = None
+    # the access log's source fields, formatted once per tunnel
+    _log_src: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def consumer_namespace(self) -> str | None:
@@ -152,12 +158,20 @@ def clean_headers(headers: Headers, *, keep_te_trailers: bool = True) -> Headers
     return out
 
 
+def _span_id() -> str:
+    return f"{_ids.getrandbits(64) or 1:016x}"
+
+
 def propagate_traceparent(value: str | None) -> str:
     """Continue the caller's trace with a new span id, or start one (W3C trace context)."""
     m = _TRACEPARENT.match(value.strip().lower()) if value else None
     if m and m.group(1) != "0" * 32 and m.group(2) != "0" * 16:
-        return f"00-{m.group(1)}-{secrets.token_hex(8)}-{m.group(3)}"
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+        return f"00-{m.group(1)}-{_span_id()}-{m.group(3)}"
+    return f"00-{_ids.getrandbits(128) or 1:032x}-{_span_id()}-01"
+
+
+def _request_id() -> str:
+    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
 
 
 def port_speaks_h2(port: ServicePort) -> bool:
@@ -243,7 +257,14 @@ class GatewayMetrics(ProxyMetrics):
         )
 
     def retry(self, reason: str) -> None:
-        self.retries.labels(reason).inc()
+        self._child(self.retries, (reason,)).inc()
+
+    def request(self, labels: ConnectionLabels, response_code: int, duration_ms: float) -> None:
+        """As :meth:`ProxyMetrics.request`, with the labelled children cached."""
+        values = (*labels.values(), str(response_code))
+        self._child(self.requests, values).inc()
+        self._child(self.request_duration, values).observe(  # type: ignore[attr-defined]
+            max(0.0, duration_ms))
 
 
 def _outcome_reason(outcome: int | str) -> str:
@@ -272,6 +293,11 @@ class Forwarder:
         self._tables_state: MeshState | None = None
         self._balancers: dict[tuple[str, int], tuple[Balancer, dict[str, Endpoint]]] = {}
         self._balancers_state: dict[tuple[str, int], MeshState] = {}
+        # per mesh state: the policies of a workload (by uid); per label set: the labels
+        self._policies: dict[str, list] = {}  # type: ignore[type-arg]
+        self._policies_state: MeshState | None = None
+        self._labels: dict[tuple, tuple] = {}  # type: ignore[type-arg]
+        self._dst_log: dict[tuple, tuple] = {}  # type: ignore[type-arg]
         self.nursery: trio.Nursery | None = None  # for mirrors (fire and forget)
 
     # -- state-derived tables ------------------------------------------------------------
@@ -287,6 +313,16 @@ class Forwarder:
                                      port, consumer_ns)
             self._tables[key] = table
         return table
+
+    def policies(self, state: MeshState, workload: Workload) -> list:  # type: ignore[type-arg]
+        """``state.policies_for(workload)``, cached per state (it scans every policy)."""
+        if self._policies_state is not state:
+            self._policies = {}
+            self._policies_state = state
+        pols = self._policies.get(workload.uid)
+        if pols is None:
+            pols = self._policies[workload.uid] = state.policies_for(workload)
+        return pols
 
     def balancer(self, service: Service, port: int) -> tuple[Balancer, dict[str, Endpoint]]:
         """The balancer of one backend service port, its endpoints refreshed with the state."""
@@ -331,50 +367,98 @@ class Forwarder:
 
     def _record(self, down: Downstream, req: HttpRequest, info: _Log, ms: float) -> None:
         ep = info.endpoint
-        grpc = any(n == "content-type" and v.startswith("application/grpc")
-                   for n, v in req.headers)
+        svc = info.backend or down.service
+        grpc = False
+        for n, v in req.headers:
+            if n == "content-type" and v.startswith("application/grpc"):
+                grpc = True
+                break
+        try:
+            self.metrics.request(self._labels_for(down, ep, svc, grpc, info.flags), info.code,
+                                 ms)
+        except Exception:  # noqa: BLE001 - telemetry never breaks a request
+            log.exception("metrics update failed")
+        self._access_log(down, req, info, ms, ep, svc)
+
+    def _labels_for(self, down: Downstream, ep: Endpoint | None, svc: Service, grpc: bool,
+                    flags: str) -> ConnectionLabels:
+        """The request's metric labels, cached per (source, caller, destination, service,
+        protocol, flags): building them validates and allocates a dozen strings."""
+        dst = ep.workload if ep else None
+        key = (id(down.source), down.caller, id(dst), id(svc), grpc, flags)
+        hit = self._labels.get(key)
+        # the objects are kept in the entry, so an id is never reused while cached
+        if hit is not None and hit[0] is down.source and hit[1] is dst and hit[2] is svc:
+            return hit[3]
         labels = ConnectionLabels.from_workloads(
             "waypoint",
             source=down.source,
             source_identity=down.caller,
-            destination=ep.workload if ep else None,
-            service=info.backend or down.service,
+            destination=dst,
+            service=svc,
             mtls=down.caller is not None,
             request_protocol="grpc" if grpc else "http",
         )
-        if info.flags != labels.response_flags:
-            from dataclasses import replace
+        if flags != labels.response_flags:
+            labels = replace(labels, response_flags=flags)
+        if len(self._labels) >= _CACHE_MAX:
+            self._labels.clear()
+        self._labels[key] = (down.source, dst, svc, labels)
+        return labels
 
-            labels = replace(labels, response_flags=info.flags)
+    def _access_log(self, down: Downstream, req: HttpRequest, info: _Log, ms: float,
+                    ep: Endpoint | None, svc: Service) -> None:
+        """One access-log line, as :func:`nodeproxy.telemetry.accesslog.log_connection`
+        writes it (same fields, order and quoting); the parts that stay the same for a
+        tunnel (source) and for a destination are formatted once."""
+        logger = accesslog.logger
         try:
-            self.metrics.request(labels, info.code, ms)
-        except Exception:  # noqa: BLE001 - telemetry never breaks a request
-            log.exception("metrics update failed")
-        log_connection(
-            **{
-                "src.addr": format_authority(down.src_ip, down.src_port) if down.src_port
-                else down.src_ip,
-                "src.workload": down.source.name if down.source else None,
-                "src.namespace": down.source.namespace if down.source else None,
-                "src.identity": down.caller,
-                "dst.addr": format_authority(ep.address, ep.port) if ep else None,
-                "dst.service": (info.backend or down.service).hostname,
-                "dst.workload": ep.workload.name if ep else None,
-                "dst.namespace": ep.workload.namespace if ep else None,
-                "dst.identity": ep.workload.identity if ep else None,
-                "direction": "waypoint",
-                "duration": round(ms),
-                "response_flags": info.flags,
-                "error": info.error,
-                "protocol": down.protocol,
-                "method": req.method,
-                "path": req.target,
-                "status": info.code,
-                "route": info.route,
-                "attempts": info.attempts,
-                **info.extra,
-            }
-        )
+            if not logger.isEnabledFor(logging.INFO):
+                return
+            src = down._log_src
+            if src is None:
+                src = down._log_src = _fields((
+                    ("src.addr", format_authority(down.src_ip, down.src_port)
+                     if down.src_port else down.src_ip),
+                    ("src.workload", down.source.name if down.source else None),
+                    ("src.namespace", down.source.namespace if down.source else None),
+                    ("src.identity", down.caller),
+                ))
+            key = (id(ep), id(svc))
+            hit = self._dst_log.get(key)
+            if hit is not None and hit[0] is ep and hit[1] is svc:
+                dst = hit[2]
+            else:
+                dst = _fields((
+                    ("dst.addr", format_authority(ep.address, ep.port) if ep else None),
+                    ("dst.service", svc.hostname),
+                    ("dst.workload", ep.workload.name if ep else None),
+                    ("dst.namespace", ep.workload.namespace if ep else None),
+                    ("dst.identity", ep.workload.identity if ep else None),
+                    ("direction", "waypoint"),
+                ))
+                if len(self._dst_log) >= _CACHE_MAX:
+                    self._dst_log.clear()
+                self._dst_log[key] = (ep, svc, dst)
+            rest: list[tuple[str, object]] = [
+                ("duration", round(ms)),
+                ("response_flags", info.flags),
+                ("error", info.error),
+                ("protocol", down.protocol),
+                ("method", req.method),
+                ("path", req.target),
+                ("status", info.code),
+                ("route", info.route),
+                ("attempts", info.attempts),
+            ]
+            if info.extra:
+                rest += info.extra.items()
+            line = " ".join(p for p in (src, dst, _fields(rest)) if p)
+            record = logger.makeRecord(logger.name, logging.INFO, accesslog.__file__, 0,
+                                       "%s %s", (accesslog.MESSAGE, line), None)
+            logger.handle(record)
+        except Exception:  # noqa: BLE001 - the access log never breaks a request
+            log.exception("access log entry dropped")
 
     async def _simple(self, sink: ResponseSink, status: int, body: str,
                       headers: Headers = (), info: _Log | None = None) -> None:  # type: ignore
@@ -440,7 +524,7 @@ class Forwarder:
         headers = [(n, v) for n, v in headers if n.lower() != "traceparent"]
         headers.append(("traceparent", propagate_traceparent(tp)))
         if flt.get_header(headers, "x-request-id") is None:
-            headers.append(("x-request-id", str(uuid.uuid4())))
+            headers.append(("x-request-id", _request_id()))
         info.extra["request_id"] = flt.get_header(headers, "x-request-id") or ""
         head = RequestHead(
             method=freq2.method, scheme=freq2.scheme, authority=freq2.authority,
@@ -479,43 +563,15 @@ class Forwarder:
         """The attempt loop. Returns a coroutine function to run an upgrade relay, or None."""
         now = trio.current_time()
         deadline = Deadline.start(now, timeouts)
-        end_at = now + deadline.request if deadline.request else float("inf")
-        bal, eps = self.balancer(bsvc, bport)
-        tried: set[str] = set()
-        retries = 0
         self.budget.start_request()
         try:
-            with trio.move_on_at(end_at) as whole:
-                while True:
-                    key = bal.pick(exclude=tried)
-                    if key is None:
-                        info.flags, info.error = "UH", "no healthy upstream"
-                        await self._simple(sink, 503, "no healthy upstream\n", info=info)
-                        return None
-                    ep = eps[key]
-                    tried.add(key)
-                    info.endpoint = ep
-                    info.attempts += 1
-                    decision = authorize_request(
-                        state.policies_for(ep.workload),
-                        Connection(down.caller, down.src_ip, ep.address, ep.port),
-                        req.method, _path_for_authz(req), req.headers,
-                    )
-                    if not decision.allowed:
-                        info.flags, info.error = "RBAC", decision.reason
-                        await self._simple(sink, 403, "RBAC: access denied\n", info=info)
-                        return None
-                    covering = info.retry_slots  # slots taken for this (retry) attempt
-                    result = await self._attempt(ep, bal, key, head, body, use_h2, deadline,
-                                                 policy, retries, sink, info, resp_mods)
-                    for _ in range(covering):
-                        self.budget.finish_retry()
-                    info.retry_slots -= covering
-                    if result.committed:
-                        return result.upgrade
-                    self.metrics.retry(_outcome_reason(result.outcome))
-                    await trio.sleep(result.delay)
-                    retries += 1
+            if not deadline.request:
+                # no request timeout: no cancel scope to enter and leave per request
+                return await self._attempts(down, req, sink, info, state, bsvc, bport, head,
+                                            body, use_h2, policy, deadline, resp_mods)
+            with trio.move_on_at(now + deadline.request) as whole:
+                return await self._attempts(down, req, sink, info, state, bsvc, bport, head,
+                                            body, use_h2, policy, deadline, resp_mods)
             if whole.cancelled_caught:
                 info.flags, info.error = "UT", "request timeout"
                 await self._simple(sink, 504, "upstream request timeout\n", info=info)
@@ -526,28 +582,77 @@ class Forwarder:
             self.budget.finish_request()
         return None
 
+    async def _attempts(self, down, req, sink, info, state, bsvc, bport, head, body, use_h2,
+                        policy, deadline, resp_mods):  # type: ignore[no-untyped-def]
+        bal, eps = self.balancer(bsvc, bport)
+        tried: set[str] = set()
+        retries = 0
+        while True:
+            key = bal.pick(exclude=tried)
+            if key is None:
+                info.flags, info.error = "UH", "no healthy upstream"
+                await self._simple(sink, 503, "no healthy upstream\n", info=info)
+                return None
+            ep = eps[key]
+            tried.add(key)
+            info.endpoint = ep
+            info.attempts += 1
+            policies = self.policies(state, ep.workload)
+            if policies:  # none: allowed (no ALLOW policy applies), nothing to evaluate
+                decision = authorize_request(
+                    policies, Connection(down.caller, down.src_ip, ep.address, ep.port),
+                    req.method, _path_for_authz(req), req.headers,
+                )
+                if not decision.allowed:
+                    info.flags, info.error = "RBAC", decision.reason
+                    await self._simple(sink, 403, "RBAC: access denied\n", info=info)
+                    return None
+            covering = info.retry_slots  # slots taken for this (retry) attempt
+            result = await self._attempt(ep, bal, key, head, body, use_h2, deadline,
+                                         policy, retries, sink, info, resp_mods)
+            for _ in range(covering):
+                self.budget.finish_retry()
+            info.retry_slots -= covering
+            if result.committed:
+                return result.upgrade
+            self.metrics.retry(_outcome_reason(result.outcome))
+            await trio.sleep(result.delay)
+            retries += 1
+
     async def _attempt(self, ep, bal, key, head, body, use_h2, deadline, policy, retries,
                        sink, info, resp_mods) -> _Attempt:  # type: ignore[no-untyped-def]
         """One try: connect, send, and either decide to retry or answer the client."""
         now = trio.current_time()
         per_try = deadline.attempt_timeout(now)
-        try_at = now + per_try if per_try is not None else float("inf")
         st = _AttemptState(bal.start(key))
         failure: BaseException | None = None
         result = _Attempt(True, 0)
         try:
-            async with trio.open_nursery() as nursery:
+            if per_try is None and not head.has_body:
+                # the common case: no body to send alongside, no per-try timeout: neither a
+                # nursery nor a cancel scope is needed
                 try:
-                    with trio.move_on_at(try_at) as scope:
-                        result = await self._try(ep, bal, head, body, use_h2, deadline, policy,
-                                                 retries, sink, info, resp_mods, st, nursery)
-                    if scope.cancelled_caught:
-                        result = await self._per_try_timeout(bal, head, body, deadline, policy,
-                                                             retries, sink, info, st)
-                except (ClientGone, Exception) as e:  # re-raised outside the nursery
+                    result = await self._try(ep, bal, head, body, use_h2, deadline, policy,
+                                             retries, sink, info, resp_mods, st, None)
+                except (ClientGone, Exception) as e:
                     failure = e
                     result = _Attempt(True, 0)
-                nursery.cancel_scope.cancel()  # the request body sender, if still going
+            else:
+                try_at = now + per_try if per_try is not None else _INF
+                async with trio.open_nursery() as nursery:
+                    try:
+                        with trio.move_on_at(try_at) as scope:
+                            result = await self._try(ep, bal, head, body, use_h2, deadline,
+                                                     policy, retries, sink, info, resp_mods,
+                                                     st, nursery)
+                        if scope.cancelled_caught:
+                            result = await self._per_try_timeout(bal, head, body, deadline,
+                                                                 policy, retries, sink, info,
+                                                                 st)
+                    except (ClientGone, Exception) as e:  # re-raised outside the nursery
+                        failure = e
+                        result = _Attempt(True, 0)
+                    nursery.cancel_scope.cancel()  # the request body sender, if still going
             if st.client_gone is not None:
                 raise ClientGone(str(st.client_gone))
             if failure is not None:
@@ -566,9 +671,13 @@ class Forwarder:
                     # the client left or the request was cancelled from outside: that says
                     # nothing about the endpoint, so it must not count toward an ejection
                     bal.release(st.token)
-            if st.exchange is not None:
-                with trio.CancelScope(shield=True):
-                    await st.exchange.finish(st.ok)
+            ex = st.exchange
+            if ex is not None:
+                # a connection going back to its pool needs no IO (nor a shielded scope)
+                nowait = getattr(ex, "finish_nowait", None)
+                if nowait is None or not nowait(st.ok):
+                    with trio.CancelScope(shield=True):
+                        await ex.finish(st.ok)
 
     async def _try(self, ep, bal, head, body, use_h2, deadline, policy, retries, sink, info,
                    resp_mods, st, nursery) -> _Attempt:  # type: ignore[no-untyped-def]
@@ -577,7 +686,8 @@ class Forwarder:
                 st.exchange = await self.upstreams.start_h2(ep, head)
             else:
                 st.exchange = await self.upstreams.start_h1(ep, head)
-            nursery.start_soon(_send_body, st, body.cursor(), nursery.cancel_scope)
+            if nursery is not None:
+                nursery.start_soon(_send_body, st, body.cursor(), nursery.cancel_scope)
             resp = await st.exchange.response()
             outcome: int | str = resp.status
         except AttemptError as e:
@@ -648,9 +758,18 @@ class Forwarder:
         await sink.start(resp.status, headers, end=resp.ended)
         if resp.ended:
             return None
+        # body already received is passed on at once; before waiting on the upstream, the
+        # sink sends what it holds back (a front end may hold the head to write it with the
+        # first body bytes)
+        poll = getattr(ex, "poll_data", None)
+        flush = getattr(sink, "flush", None)
         while True:
             try:
-                data = await ex.receive_data()
+                data = poll() if poll is not None else None
+                if data is None:
+                    if flush is not None:
+                        await flush()
+                    data = await ex.receive_data()
             except AttemptError as e:
                 log.info("upstream broke mid-response: %s", e)
                 await sink.abort()
@@ -696,6 +815,12 @@ class Forwarder:
                 log.info("mirror to %s failed: %s", svc.key, e)
         if ex is not None:
             await ex.finish(False)
+
+
+def _fields(pairs) -> str:  # type: ignore[no-untyped-def]
+    """``key=value`` words as the access log writes them (``None`` left out)."""
+    value = accesslog._value
+    return " ".join([f"{k}={value(k, v)}" for k, v in pairs if v is not None])
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http
 import logging
+import re
 from dataclasses import dataclass
 
 import h11
@@ -30,6 +31,25 @@ log = logging.getLogger(__name__)
 READ_SIZE = 64 * 1024
 CLOSE_LINGER = 2.0
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# h11's own rules for a header it sends (token name; value without surrounding whitespace,
+# NUL or line breaks), checked on str in one pass each instead of h11's per-header bytes work
+_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_VALUE = re.compile(r"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+
+
+def _checked(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Headers for an h11 event built with ``_parsed=True`` (h11 then skips its checks)."""
+    out = []
+    for n, v in headers:
+        if not _NAME.fullmatch(n):
+            raise h11.LocalProtocolError(f"Illegal header name {n!r}")
+        if not _VALUE.fullmatch(v):
+            raise h11.LocalProtocolError(f"Illegal header value {v!r}")
+        try:
+            out.append((n.encode("latin-1"), v.encode("latin-1")))
+        except UnicodeEncodeError as e:
+            raise h11.LocalProtocolError(f"header not encodable: {e}") from e
+    return out
 
 
 @dataclass
@@ -50,14 +70,20 @@ class _Conn:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_bytes)
         self.lock = trio.StrictFIFOLock()
 
-    async def send(self, event: object) -> None:
+    async def send(self, event: object, held: bytes = b"") -> None:
+        """Send ``event`` (after ``held``: bytes serialised earlier and not yet sent)."""
         data = self.h11.send(event)  # type: ignore[arg-type]
+        if held:
+            data = held + data if data else held
         if data:
-            async with self.lock:
-                try:
-                    await self.stream.send_all(data)
-                except _BROKEN as e:
-                    raise ClientGone(f"write failed: {e!r}") from e
+            await self.send_bytes(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        async with self.lock:
+            try:
+                await self.stream.send_all(data)
+            except _BROKEN as e:
+                raise ClientGone(f"write failed: {e!r}") from e
 
     async def read(self, timeout: float) -> bytes | None:
         """Bytes from the client; None on timeout."""
@@ -110,7 +136,12 @@ class _Body:
 
 
 class _Sink:
-    """The response side of one request."""
+    """The response side of one request.
+
+    A response head with a body to follow is held back until the first body bytes (or the
+    end, or :meth:`flush`) so that head and body go out in one write: every write is a trip
+    through the tunnel's writer. The forwarder calls :meth:`flush` before it waits for the
+    upstream, so a slow body never delays the head."""
 
     def __init__(self, conn: _Conn, request: h11.Request) -> None:
         self.conn = conn
@@ -119,6 +150,12 @@ class _Sink:
         self.aborted = False
         self.upgraded = False
         self._chunked = False
+        self._held = b""
+
+    async def flush(self) -> None:
+        held, self._held = self._held, b""
+        if held and not self.aborted:
+            await self.conn.send_bytes(held)
 
     async def start(self, status: int, headers: Headers, end: bool) -> None:
         self.started = True
@@ -130,10 +167,13 @@ class _Sink:
             out.append(("content-length", "0"))
         self._chunked = "content-length" not in names and not end
         try:
-            await self.conn.send(h11.Response(status_code=status, headers=out,
-                                              reason=_reason(status)))
+            head = self.conn.h11.send(h11.Response(
+                status_code=int(status), headers=_checked(out), reason=_reason(status),
+                http_version=b"1.1", _parsed=True))
             if end:
-                await self.conn.send(h11.EndOfMessage())
+                await self.conn.send(h11.EndOfMessage(), head or b"")
+            else:
+                self._held = head or b""
         except h11.LocalProtocolError as e:
             log.info("cannot send response %s: %s", status, e)
             await self.abort()
@@ -141,8 +181,9 @@ class _Sink:
     async def data(self, data: bytes) -> None:
         if self.aborted:
             raise ClientGone("response aborted")
+        held, self._held = self._held, b""
         try:
-            await self.conn.send(h11.Data(data=data))
+            await self.conn.send(h11.Data(data=data), held)
         except h11.LocalProtocolError as e:
             log.info("response body does not fit its framing: %s", e)
             await self.abort()
@@ -152,8 +193,10 @@ class _Sink:
         if self.aborted:
             return
         trailers = [(n, v) for n, v in trailers or [] if not n.startswith(":")]
+        held, self._held = self._held, b""
         try:
-            await self.conn.send(h11.EndOfMessage(headers=trailers if self._chunked else []))
+            await self.conn.send(h11.EndOfMessage(headers=trailers if self._chunked else []),
+                                 held)
         except h11.LocalProtocolError as e:
             log.info("cannot end response: %s", e)
             await self.abort()
@@ -185,6 +228,7 @@ class _Sink:
             await trio.aclose_forcefully(upstream)
 
     async def abort(self) -> None:
+        self._held = b""
         if not self.aborted:
             self.aborted = True
             await abort(self.conn.stream)
@@ -293,6 +337,7 @@ async def serve_http1(
             sink = _Sink(conn, ev)
             try:
                 await forwarder.handle(down, req, sink)
+                await sink.flush()
             except ClientGone as e:
                 log.debug("client %s gone: %s", down.src_ip, e)
                 return

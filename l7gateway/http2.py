@@ -18,6 +18,7 @@ by h2 with a GOAWAY carrying the right error code, then the connection is closed
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import trio
 from h2.errors import ErrorCodes
 
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 install_data_repr_workaround()
 
 RECEIVE_CHUNK = 64 * 1024
+# a sender that does not wait for each write (``wait=False``) still waits once this much
+# is queued and not yet written: back-pressure from a slow transport
+UNWRITTEN_LIMIT = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
 
 Headers = list[tuple[str, str]]
@@ -71,8 +76,36 @@ def _decode(headers: list[tuple[bytes, bytes]]) -> Headers:
     return [(_text(n), _text(v)) for n, v in headers]
 
 
+_BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z]")
+_BAD_VALUE = re.compile(r"[\x00\r\n]")
+_CONNECTION_SPECIFIC = frozenset({
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+
+
 def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+    """Headers as we send them, checked here (RFC 9113 §8.2): h2's own outbound validation
+    and normalisation are off, they cost more than the rest of sending a response."""
+    out = []
+    for n, v in headers:
+        n = n.lower()
+        v = v.strip(" \t")
+        bare = n[1:] if n[:1] == ":" else n
+        if not bare or _BAD_NAME.search(bare):
+            raise ValueError(f"invalid header name {n!r}")
+        if _BAD_VALUE.search(v):
+            raise ValueError(f"invalid value for header {n!r}")
+        if bare in _CONNECTION_SPECIFIC or (bare == "te" and v.lower() != "trailers"):
+            raise ValueError(f"connection-specific header {n!r}")
+        out.append((n.encode("latin-1"), v.encode("latin-1")))
+    return out
+
+
+class _PlainEncoder(hpack.Encoder):
+    """HPACK without Huffman coding: hpack's coder (and h2's decoder) is pure Python, per
+    character; any decoder accepts plain literals (RFC 7541 §5.2)."""
+
+    def encode(self, headers, huffman: bool = False) -> bytes:  # type: ignore[no-untyped-def,override]
+        return super().encode(headers, huffman=False)
 
 
 class H2Stream:
@@ -130,17 +163,26 @@ class H2Stream:
     async def receive_data(self) -> bytes:
         """The next body chunk; ``b""`` at the end (then :attr:`trailers` is set, if any)."""
         while True:
-            if self._data:
-                data, flow = self._data.popleft()
-                self.conn._ack(self.id, flow)  # only now may the peer send more
+            data = self.receive_data_nowait()
+            if data is not None:
                 return data
-            if self.ended:
-                return b""
             self._check()
             await self._lot.park()
 
+    def receive_data_nowait(self) -> bytes | None:
+        """As :meth:`receive_data` when that would not wait; else None."""
+        if self._data:
+            data, flow = self._data.popleft()
+            self.conn._ack(self.id, flow)  # only now may the peer send more
+            return data
+        if self.ended:
+            return b""
+        return None
+
     # -- sending -------------------------------------------------------------------------
-    async def send_headers(self, headers: Headers, end_stream: bool = False) -> None:
+    async def send_headers(self, headers: Headers, end_stream: bool = False, *,
+                           wait: bool = True) -> None:
+        """Queue HEADERS; ``wait``: until written (else the writer is only woken)."""
         self._check()
         try:
             self.conn._h2.send_headers(self.id, _encode(headers), end_stream=end_stream)
@@ -148,9 +190,12 @@ class H2Stream:
             raise StreamError(f"cannot send headers: {e}") from e
         if end_stream:
             self.sent_end = True
-        await self.conn._flush()
+        await self.conn._flush(wait)
 
-    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+    async def send_data(self, data: bytes, end_stream: bool = False, *,
+                        wait: bool = True) -> None:
+        """Queue DATA as the windows allow; ``wait``: until written (else only when more
+        than :data:`UNWRITTEN_LIMIT` is queued)."""
         conn = self.conn
         view = memoryview(data)
         while True:
@@ -162,7 +207,7 @@ class H2Stream:
                     except h2.exceptions.ProtocolError as e:
                         raise StreamError(f"cannot end stream: {e}") from e
                     self.sent_end = True
-                    await conn._flush()
+                    await conn._flush(wait)
                 return
             try:
                 window = conn._h2.local_flow_control_window(self.id)
@@ -178,18 +223,19 @@ class H2Stream:
             except h2.exceptions.ProtocolError as e:
                 raise StreamError(f"stream not writable: {e}") from e
             view = view[n:]
+            conn._unwritten += n
             if last:
                 self.sent_end = True
-            await conn._flush()
+            await conn._flush(wait or conn._unwritten > UNWRITTEN_LIMIT)
             if last:
                 return
 
-    async def end(self, trailers: Headers | None = None) -> None:
+    async def end(self, trailers: Headers | None = None, *, wait: bool = True) -> None:
         """End our side, with trailers if given."""
         if trailers:
-            await self.send_headers(trailers, end_stream=True)
+            await self.send_headers(trailers, end_stream=True, wait=wait)
         else:
-            await self.send_data(b"", end_stream=True)
+            await self.send_data(b"", end_stream=True, wait=wait)
 
     def reset(self, code: int = ErrorCodes.CANCEL) -> None:
         """Reset unless already closed; synchronous, safe while being cancelled."""
@@ -233,14 +279,17 @@ class H2Connection:
         self._prefix = prefix
         cfg = h2.config.H2Configuration(
             client_side=client_side, header_encoding=None, validate_inbound_headers=True,
-            normalize_inbound_headers=True,
+            normalize_inbound_headers=True, validate_outbound_headers=False,
+            normalize_outbound_headers=False,  # done in _encode
         )
         self._h2 = h2.connection.H2Connection(config=cfg)
+        self._h2.encoder = _PlainEncoder()
         self.streams: dict[int, H2Stream] = {}
         self.handlers = 0  # server: handler tasks still running
         self._resets: deque[float] = deque()
         self._pending_seq = 0
         self._written_seq = 0
+        self._unwritten = 0  # DATA bytes queued since the writer last took its batch
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._written_lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()
@@ -300,8 +349,15 @@ class H2Connection:
         self._writer_lot.unpark_all()
         return self._pending_seq
 
-    async def _flush(self) -> None:
+    async def _flush(self, wait: bool = True) -> None:
+        """Wake the writer and (``wait``) wait until it has written what is queued now;
+        without waiting, only a checkpoint (a dead connection still raises)."""
         seq = self._kick()
+        if not wait:
+            if self.dead_reason is not None:
+                raise StreamError(f"connection lost: {self.dead_reason}")
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
         while self._written_seq < seq:
             if self.dead_reason is not None:
                 raise StreamError(f"connection lost: {self.dead_reason}")
@@ -320,6 +376,7 @@ class H2Connection:
                 continue
             seq = self._pending_seq
             data = self._h2.data_to_send()
+            self._unwritten = 0
             if data:
                 try:
                     await self.transport.send_all(data)
@@ -604,7 +661,9 @@ class _Sink:
         out = [(":status", str(status))]
         out += [(n.lower(), v) for n, v in headers if n.lower() != "connection"]
         try:
-            await self.stream.send_headers(out, end_stream=end)
+            # not waiting for each frame to be written: head, body and end then go out in
+            # one write (DATA still waits once much is queued)
+            await self.stream.send_headers(out, end_stream=end, wait=False)
         except StreamError as e:
             raise ClientGone(str(e)) from e
 
@@ -612,7 +671,7 @@ class _Sink:
         from l7gateway.forward import ClientGone
 
         try:
-            await self.stream.send_data(data)
+            await self.stream.send_data(data, wait=False)
         except StreamError as e:
             raise ClientGone(str(e)) from e
 
@@ -621,7 +680,7 @@ class _Sink:
 
         clean = [(n.lower(), v) for n, v in trailers or [] if not n.startswith(":")]
         try:
-            await self.stream.end(clean or None)
+            await self.stream.end(clean or None, wait=False)
         except StreamError as e:
             raise ClientGone(str(e)) from e
 

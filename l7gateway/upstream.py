@@ -18,12 +18,12 @@ with a :mod:`l7gateway.retry` outcome: ``connect-failure`` (no connection: never
 from __future__ import annotations
 
 import logging
+import re
 import select
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-import h11
 import trio
 from h2.errors import ErrorCodes
 
@@ -155,17 +155,227 @@ def _looks_closed(stream: trio.abc.Stream) -> bool:
 # -- HTTP/1.1 -----------------------------------------------------------------------------
 
 
+class ProtocolError(ValueError):
+    """The upstream's HTTP/1.1 is malformed (or a request cannot be written as HTTP/1.1)."""
+
+
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL and other controls
+_TARGET = re.compile(r"[\x21-\x7e\x80-\xff]+")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\r\n]*)?\r?")
+_HEAD_END = re.compile(rb"\n\r?\n")
+_HEADER = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\r?")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?")
+
+
+def encode_request_head(head: RequestHead, extra: Headers) -> bytes:
+    """The request line and header block (``host`` first, then ``head.headers``, then
+    ``extra``), checked as h11 would: a header that would split the head is refused."""
+    if not _TOKEN.fullmatch(head.method):
+        raise ProtocolError(f"bad method {head.method!r}")
+    if not _TARGET.fullmatch(head.target):
+        raise ProtocolError(f"bad request target {head.target!r}")
+    lines = [f"{head.method} {head.target} HTTP/1.1", f"host: {_value(head.authority)}"]
+    for headers in (head.headers, extra):
+        for n, v in headers:
+            if not _TOKEN.fullmatch(n):
+                raise ProtocolError(f"bad header name {n!r}")
+            lines.append(f"{n}: {_value(v)}")
+    lines.append("\r\n")
+    try:
+        return "\r\n".join(lines).encode("latin-1")
+    except UnicodeEncodeError as e:
+        raise ProtocolError(f"header not encodable as latin-1: {e}") from e
+
+
+def _value(v: str) -> str:
+    v = v.strip(" \t")
+    if _BAD_VALUE.search(v):
+        raise ProtocolError(f"bad header value {v!r}")
+    return v
+
+
+@dataclass
+class ParsedResponse:
+    status: int
+    headers: Headers
+    http10: bool
+
+
+class ResponseReader:
+    """Sans-IO reader of HTTP/1.1 responses (one exchange): :meth:`feed` bytes, then
+    :meth:`head` and :meth:`body` say what is there. Framing per RFC 9112 §6.3."""
+
+    def __init__(self, method: str, max_head: int = MAX_RESPONSE_HEAD) -> None:
+        self.method = method
+        self.max_head = max_head
+        self.buf = bytearray()
+        self.eof = False
+        self.got_bytes = False
+        self.response: ParsedResponse | None = None
+        self.keep_alive = True
+        self.done = False  # the whole final response was read
+        self.trailers: Headers | None = None
+        self._mode = ""  # "length" | "chunked" | "close"
+        self._left = 0  # length: body bytes left; chunked: bytes left in the chunk (+2: CRLF)
+        self._chunk_state = "size"  # "size" | "data" | "crlf" | "trailers"
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.got_bytes = True
+            self.buf += data
+        else:
+            self.eof = True
+
+    def head(self) -> ParsedResponse | None:
+        """The next response head (1xx included), or None when more bytes are needed."""
+        buf = self.buf
+        m = _HEAD_END.search(buf)
+        if m is None:
+            if len(buf) > self.max_head:
+                raise ProtocolError("response head too large")
+            if self.eof and buf:
+                raise ProtocolError("connection closed in the response head")
+            return None
+        if m.start() > self.max_head:
+            raise ProtocolError("response head too large")
+        raw = bytes(buf[:m.start()])
+        del buf[:m.end()]
+        lines = raw.split(b"\n")
+        sm = _STATUS_LINE.fullmatch(lines[0])
+        if sm is None:
+            raise ProtocolError(f"bad status line {lines[0][:100]!r}")
+        status = int(sm.group(2))
+        headers: Headers = []
+        for line in lines[1:]:
+            hm = _HEADER.fullmatch(line)
+            if hm is None:  # obs-fold, whitespace before the colon, no colon: refused
+                raise ProtocolError(f"bad header line {line[:100]!r}")
+            headers.append((hm.group(1).decode("latin-1").lower(),
+                            hm.group(2).decode("latin-1")))
+        resp = ParsedResponse(status, headers, sm.group(1) == b"0")
+        if status >= 200:
+            self._frame(resp)
+        return resp
+
+    def _frame(self, resp: ParsedResponse) -> None:
+        self.response = resp
+        te = None
+        lengths: set[str] = set()
+        for n, v in resp.headers:
+            if n == "transfer-encoding":
+                te = v
+            elif n == "content-length":
+                lengths.update(x.strip() for x in v.split(","))
+            elif n == "connection" and "close" in (t.strip().lower() for t in v.split(",")):
+                self.keep_alive = False
+        if resp.http10:
+            self.keep_alive = False
+        if self.method == "HEAD" or resp.status in (204, 304):
+            self._mode, self._left = "length", 0
+        elif te is not None:
+            if te.strip().lower() != "chunked":
+                raise ProtocolError(f"unsupported transfer-encoding {te!r}")
+            self._mode = "chunked"
+        elif lengths:
+            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+                raise ProtocolError(f"bad content-length {sorted(lengths)!r}")
+            self._mode, self._left = "length", int(next(iter(lengths)))
+        else:
+            self._mode, self.keep_alive = "close", False
+        if self._mode == "length" and self._left == 0:
+            self.done = True
+
+    def body(self) -> bytes | None:
+        """The next body bytes; ``b""`` at the end; None when more bytes are needed."""
+        if self.done:
+            return b""
+        buf = self.buf
+        if self._mode == "length":
+            if not buf:
+                if self.eof:
+                    raise ProtocolError("connection closed in the response body")
+                return None
+            n = min(self._left, len(buf))
+            data = bytes(buf[:n])
+            del buf[:n]
+            self._left -= n
+            if self._left == 0:
+                self.done = True
+            return data
+        if self._mode == "close":
+            if buf:
+                data = bytes(buf)
+                buf.clear()
+                return data
+            if self.eof:
+                self.done = True
+                return b""
+            return None
+        return self._chunked()
+
+    def _chunked(self) -> bytes | None:
+        buf = self.buf
+        while True:
+            if self._chunk_state == "data":
+                if not buf:
+                    break
+                n = min(self._left, len(buf))
+                data = bytes(buf[:n])
+                del buf[:n]
+                self._left -= n
+                if self._left == 0:
+                    self._chunk_state = "crlf"
+                return data
+            at = buf.find(b"\n")
+            if at < 0:
+                if len(buf) > self.max_head:
+                    raise ProtocolError("chunk header or trailers too large")
+                break
+            line = bytes(buf[:at + 1])
+            if self._chunk_state == "crlf":
+                if line not in (b"\r\n", b"\n"):
+                    raise ProtocolError("missing CRLF after a chunk")
+                del buf[:at + 1]
+                self._chunk_state = "size"
+            elif self._chunk_state == "size":
+                cm = _CHUNK_SIZE.fullmatch(line[:-1])
+                if cm is None:
+                    raise ProtocolError(f"bad chunk header {line[:100]!r}")
+                del buf[:at + 1]
+                self._left = int(cm.group(1), 16)
+                self._chunk_state = "data" if self._left else "trailers"
+                self.trailers = []
+            else:  # trailers, up to an empty line
+                del buf[:at + 1]
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    self.trailers = self.trailers or None
+                    self.done = True
+                    return b""
+                hm = _HEADER.fullmatch(line)
+                if hm is None:
+                    raise ProtocolError(f"bad trailer line {line[:100]!r}")
+                assert self.trailers is not None
+                self.trailers.append((hm.group(1).decode("latin-1").lower(),
+                                      hm.group(2).decode("latin-1")))
+        if self.eof:
+            raise ProtocolError("connection closed in the response body")
+        return None
+
+
 @dataclass(eq=False)
 class H1Conn:
     key: str
     stream: trio.abc.Stream
-    h11: h11.Connection = field(default_factory=lambda: h11.Connection(
-        h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD))
     reused: bool = False
     idle_since: float = 0.0
 
 
 class H1Exchange:
+    """One request/response on an HTTP/1.1 connection (written and parsed here: h11 cost
+    more than the rest of the gateway's upstream side together)."""
+
     def __init__(self, pool: Upstreams, conn: H1Conn, head: RequestHead) -> None:
         self.pool = pool
         self.conn = conn
@@ -173,122 +383,138 @@ class H1Exchange:
         self.upgraded: tuple[trio.abc.Stream, bytes] | None = None
         self.trailers: Headers | None = None
         self._chunked = False
-        self._got_bytes = False
-        self._done = False
+        self._length: int | None = None  # content-length of the request body, if given
+        self._sent_all = False  # the request (with its body) was written completely
+        self._reader = ResponseReader(head.method)
 
-    async def _send(self, event: object) -> None:
-        data = self.conn.h11.send(event)  # type: ignore[arg-type]
-        if data:
-            await self.conn.stream.send_all(data)
+    async def _write(self, data: bytes) -> None:
+        await self.conn.stream.send_all(data)
 
     async def start(self) -> None:
         head = self.head
-        headers = [("host", head.authority)]
-        headers += head.headers
-        names = {n for n, _ in head.headers}
-        if head.has_body and "content-length" not in names:
-            headers.append(("transfer-encoding", "chunked"))
-            self._chunked = True
+        extra: Headers = []
+        if head.has_body:
+            for n, v in head.headers:
+                if n == "content-length":
+                    if not v.strip().isdigit():
+                        raise AttemptError(RESET, f"bad request for HTTP/1.1: content-length "
+                                                  f"{v!r}")
+                    self._length = int(v)
+            if self._length is None:
+                extra.append(("transfer-encoding", "chunked"))
+                self._chunked = True
         if head.upgrade:
-            headers += [("connection", "upgrade"), ("upgrade", head.upgrade)]
+            extra += [("connection", "upgrade"), ("upgrade", head.upgrade)]
         try:
-            await self._send(h11.Request(method=head.method, target=head.target,
-                                         headers=headers))
-            if not head.has_body:
-                await self._send(h11.EndOfMessage())
-        except h11.LocalProtocolError as e:
+            data = encode_request_head(head, extra)
+        except ProtocolError as e:
             raise AttemptError(RESET, f"bad request for HTTP/1.1: {e}") from e
+        try:
+            await self._write(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise AttemptError(CONNECT_FAILURE if self.conn.reused else RESET,
                                f"write failed: {e!r}") from e
+        if not head.has_body:
+            self._sent_all = True
 
     async def send_body(self, body: BodyCursor) -> None:
         if not self.head.has_body:
             return
+        left = self._length
         try:
             while (chunk := await body.next()) is not None:
-                if chunk:
-                    await self._send(h11.Data(data=chunk))
-            trailers = body.trailers if self._chunked else None
-            await self._send(h11.EndOfMessage(headers=trailers or []))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                h11.LocalProtocolError) as e:
+                if not chunk:
+                    continue
+                if self._chunked:
+                    await self._write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    assert left is not None
+                    if len(chunk) > left:
+                        raise ProtocolError("request body longer than its content-length")
+                    left -= len(chunk)
+                    await self._write(chunk)
+            if self._chunked:
+                trailers = body.trailers or []
+                end = "".join(f"{n}: {_value(v)}\r\n" for n, v in trailers
+                              if _TOKEN.fullmatch(n))
+                await self._write(b"0\r\n" + end.encode("latin-1") + b"\r\n")
+            elif left:
+                raise ProtocolError("request body shorter than its content-length")
+            self._sent_all = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProtocolError,
+                UnicodeEncodeError) as e:
             # the response side notices the broken connection; nothing more to send
             log.debug("request body to %s not fully sent: %s", self.conn.key, e)
 
-    async def _next_event(self) -> object:
-        while True:
-            try:
-                ev = self.conn.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                raise AttemptError(RESET, f"bad HTTP/1.1 from upstream: {e}") from e
-            if ev is not h11.NEED_DATA:
-                return ev
-            try:
-                data = await self.conn.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                raise self._lost(f"read failed: {e!r}") from e
-            if not data and not self._got_bytes and self.conn.reused:
-                raise self._lost("pooled connection closed")
-            self._got_bytes = True
-            self.conn.h11.receive_data(data)
+    async def _fill(self) -> None:
+        """Read more of the response into the reader."""
+        try:
+            data = await self.conn.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise self._lost(f"read failed: {e!r}") from e
+        r = self._reader
+        if not data and not r.got_bytes and self.conn.reused:
+            raise self._lost("pooled connection closed")
+        r.feed(data)
 
     def _lost(self, message: str) -> AttemptError:
         # a reused keep-alive connection that dies before any response byte was very likely
         # closed by the server while idle: the request was not processed
-        if not self._got_bytes and self.conn.reused:
+        if not self._reader.got_bytes and self.conn.reused:
             return AttemptError(CONNECT_FAILURE, message)
         return AttemptError(RESET, message)
 
     async def response(self) -> ResponseHead:
+        r = self._reader
         while True:
-            ev = await self._next_event()
-            if isinstance(ev, h11.InformationalResponse):
-                if ev.status_code == 101 and self.head.upgrade:
-                    leftover, _ = self.conn.h11.trailing_data
-                    self.upgraded = (self.conn.stream, bytes(leftover))
-                    return ResponseHead(101, _h11_headers(ev.headers), ended=True)
+            try:
+                resp = r.head()
+            except ProtocolError as e:
+                raise AttemptError(RESET, f"bad HTTP/1.1 from upstream: {e}") from e
+            if resp is None:
+                if r.eof:
+                    raise self._lost("connection closed before the response")
+                await self._fill()
                 continue
-            if isinstance(ev, h11.Response):
-                return ResponseHead(ev.status_code, _h11_headers(ev.headers))
-            if isinstance(ev, h11.ConnectionClosed):
-                raise self._lost("connection closed before the response")
-            raise AttemptError(RESET, f"unexpected {type(ev).__name__} from upstream")
+            if resp.status < 200:
+                if resp.status == 101 and self.head.upgrade:
+                    self.upgraded = (self.conn.stream, bytes(r.buf))
+                    r.buf.clear()
+                    return ResponseHead(101, resp.headers, ended=True)
+                continue  # 100, 103: nothing to pass on
+            return ResponseHead(resp.status, resp.headers)
+
+    def poll_data(self) -> bytes | None:
+        """What :meth:`receive_data` would return, if it is already received; else None."""
+        try:
+            data = self._reader.body()
+        except ProtocolError as e:
+            raise AttemptError(RESET, f"bad HTTP/1.1 from upstream: {e}") from e
+        if data == b"":
+            self.trailers = self._reader.trailers
+        return data
 
     async def receive_data(self) -> bytes:
         while True:
-            ev = await self._next_event()
-            if isinstance(ev, h11.Data):
-                if ev.data:
-                    return bytes(ev.data)
-            elif isinstance(ev, h11.EndOfMessage):
-                self.trailers = _h11_headers(ev.headers) or None
-                self._done = True
-                return b""
-            else:
-                raise AttemptError(RESET, "connection closed in the response body")
+            data = self.poll_data()
+            if data is not None:
+                return data
+            await self._fill()
+
+    def finish_nowait(self, ok: bool) -> bool:
+        """:meth:`finish` when it needs no IO (the connection is reusable, or upgraded);
+        False: call :meth:`finish`."""
+        if self.upgraded is not None:
+            return True  # the stream now belongs to the upgrade relay
+        r = self._reader
+        if ok and r.done and r.keep_alive and self._sent_all and not r.buf:
+            self.pool._release_h1(self.conn)
+            return True
+        return False
 
     async def finish(self, ok: bool) -> None:
-        conn = self.conn
-        if self.upgraded is not None:
-            return  # the stream now belongs to the upgrade relay
-        reusable = (
-            ok and self._done and conn.h11.our_state is h11.DONE
-            and conn.h11.their_state is h11.DONE
-        )
-        if reusable:
-            try:
-                conn.h11.start_next_cycle()
-            except h11.LocalProtocolError:
-                reusable = False
-        if reusable:
-            self.pool._release_h1(conn)
-        else:
-            await trio.aclose_forcefully(conn.stream)
-
-
-def _h11_headers(headers: object) -> Headers:
-    return [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in headers]  # type: ignore
+        if not self.finish_nowait(ok):
+            await trio.aclose_forcefully(self.conn.stream)
 
 
 # -- HTTP/2 -------------------------------------------------------------------------------
@@ -336,6 +562,16 @@ class H2Exchange:
             raise AttemptError(RESET, str(e)) from e
         if not data:
             self.trailers = self.stream.trailers
+        return data
+
+    def poll_data(self) -> bytes | None:
+        """What :meth:`receive_data` would return, if it is already received; else None."""
+        s = self.stream
+        if not s._data and not (s.ended and s.reset_code is None):
+            return None
+        data = s.receive_data_nowait()
+        if not data:
+            self.trailers = s.trailers
         return data
 
     async def finish(self, ok: bool) -> None:
