@@ -2,16 +2,20 @@
 
 Large chunks (no per-byte Python work); one task per direction; an end of stream on one side
 becomes a half-close on the other (TCP FIN ↔ HTTP/2 END_STREAM), and an error on either side
-aborts both, so a reset travels end to end (TCP RST ↔ RST_STREAM).
+aborts both, so a reset travels end to end (TCP RST ↔ RST_STREAM). For HBONE → TCP the
+connection's reader sends to the socket itself while that direction's task waits (a sink).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
+from ztunnel.hbone.connection import HboneStream
 from ztunnel.sockets import reset_on_close
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,63 @@ class Counters:
 
 class RelayError(Exception):
     pass
+
+
+def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The OS socket of a plain ``trio.SocketStream`` (not a subclass or wrapper), else None."""
+    if type(stream) is trio.SocketStream:
+        sock = getattr(stream.socket, "_sock", None)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
+
+
+def _socket_sink(
+    sock: socket.socket, counters: Counters, upstream: bool
+) -> Callable[[bytes], int]:
+    """A non-blocking send of as much as the socket takes now; counts what it took."""
+
+    def sink(data: bytes) -> int:
+        try:
+            n = sock.send(data)
+        except OSError:  # full (BlockingIOError) or broken: receive_some() takes over
+            return 0
+        if upstream:
+            counters.client_to_server += n
+        else:
+            counters.server_to_client += n
+        return n
+
+    return sink
+
+
+async def _recv(sock: socket.socket) -> tuple[bytes, bool]:
+    """Read up to CHUNK; also says whether it waited (a schedule point) or not."""
+    try:
+        return sock.recv(CHUNK), False
+    except (BlockingIOError, InterruptedError):
+        pass
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return sock.recv(CHUNK), True
+        except (BlockingIOError, InterruptedError):
+            pass
+
+
+async def _send(sock: socket.socket, data: bytes) -> bool:
+    """Send all of data; says whether it had to wait (a schedule point)."""
+    waited = False
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            await trio.lowlevel.wait_writable(sock)
+            waited = True
+            continue
+        view = view[n:]
+    return waited
 
 
 async def abort(stream: trio.abc.AsyncResource) -> None:
@@ -63,18 +124,43 @@ async def relay(
         upstream: bool,
         cancel: trio.CancelScope,
     ) -> None:
+        # For a plain trio.SocketStream, the socket calls are made here directly: trio's stream
+        # adds a schedule point after every call that did not block (a task switch and an
+        # event-loop pass per read and per write). One schedule point per loop pass is kept:
+        # the wait for data, or an explicit checkpoint when there was no wait.
+        raw_src = _raw_socket(src)
+        raw_dst = _raw_socket(dst)
+        if raw_dst is not None and isinstance(src, HboneStream):
+            # HBONE -> TCP: the connection's reader sends straight to the socket while this
+            # task waits (no wake-up per delivery); bytes the socket does not take at once
+            # come through receive_some() as usual
+            src._sink = _socket_sink(raw_dst, counters, upstream)
         try:
             while True:
-                data = await src.receive_some(CHUNK)
+                if raw_src is not None:
+                    data, scheduled = await _recv(raw_src)
+                else:
+                    data, scheduled = await src.receive_some(CHUNK), True
                 if not data:
                     try:
-                        await dst.send_eof()
+                        if raw_dst is not None:
+                            dst.socket.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+                            if not scheduled:
+                                await trio.lowlevel.checkpoint()
+                        else:
+                            await dst.send_eof()
                     except _BROKEN:
                         # the other side already closed (ENOTCONN/EPIPE): nothing left to
                         # tell it; the other direction ends on its own
                         pass
                     return
-                await dst.send_all(data)
+                if raw_dst is not None:
+                    if await _send(raw_dst, data):
+                        scheduled = True
+                    if not scheduled:
+                        await trio.lowlevel.checkpoint()
+                else:
+                    await dst.send_all(data)
                 if upstream:
                     counters.client_to_server += len(data)
                 else:
@@ -82,13 +168,17 @@ async def relay(
         except _BROKEN as exc:
             failure.append(exc)
             cancel.cancel()
+        finally:
+            if raw_dst is not None and isinstance(src, HboneStream):
+                src._sink = None
 
     try:
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                # one direction in this task: one task (and its memory) less per connection
-                nursery.start_soon(pump, server, client, False, scope)
-                await pump(client, server, True, scope)
+        async with trio.open_nursery() as nursery:
+            # one direction in this task: one task (and its memory) less per connection; the
+            # nursery's own scope is the one a failing direction cancels (no second scope)
+            scope = nursery.cancel_scope
+            nursery.start_soon(pump, server, client, False, scope)
+            await pump(client, server, True, scope)
     except BaseException:
         # cancelled from outside (policy now denies, pod removed, shutdown): reset both
         await abort(client)
@@ -101,7 +191,10 @@ async def relay(
     with trio.CancelScope(shield=True):
         for stream in (client, server):
             try:
-                await stream.aclose()
+                if _raw_socket(stream) is not None:
+                    stream.socket.close()  # type: ignore[attr-defined]  # no schedule point
+                else:
+                    await stream.aclose()
             except _BROKEN:
                 pass
     return counters

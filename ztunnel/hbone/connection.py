@@ -4,12 +4,14 @@ One reader task feeds :class:`~ztunnel.hbone.protocol.HboneH2`; one writer task 
 that calls ``send_all`` on the transport. Every other task changes h2 state synchronously and then
 waits (``_flush``) until the writer has written what was queued so far: that wait, and h2's flow
 control windows, are the back-pressure. Received DATA is acknowledged to the peer only when the
-consumer takes it from :meth:`HboneStream.receive_some`.
+consumer takes it from :meth:`HboneStream.receive_some` (or, for the relay, when its sink took it).
+Over an established ``trio.SSLStream`` both tasks bypass the SSLStream (see :class:`_DirectTls`).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable, Iterable
 
@@ -101,6 +103,124 @@ def _tls_drainer(transport: trio.abc.Stream) -> Callable[[bytes], bytes] | None:
     return drain
 
 
+class _DirectTls:
+    """Reads and writes an established ``trio.SSLStream`` through its ``SSLObject`` and the TCP
+    socket underneath, with no task switch unless the socket would block.
+
+    Each ``SSLStream`` operation takes a lock and passes ``_retry``, and each socket call under
+    it, through a schedule point: ~3 task switches (and as many event-loop passes, each an
+    ``epoll_wait``) per read and per write, on every hop of every request. Here a read waits
+    for the socket only when nothing is buffered, and a write returns as soon as the kernel
+    took the bytes. Built by :meth:`create` only when the SSLStream's internals are as
+    expected (handshake done, memory BIOs, a trio socket below); otherwise the SSLStream is
+    used as is.
+    """
+
+    __slots__ = ("_obj", "_in", "_out", "_sock", "_delayed")
+
+    def __init__(self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 sock: socket.socket) -> None:
+        self._obj = obj
+        self._in = incoming
+        self._out = outgoing
+        self._sock = sock
+        self._delayed = b""
+
+    @classmethod
+    def create(cls, transport: trio.abc.Stream) -> _DirectTls | None:
+        if not isinstance(transport, trio.SSLStream):
+            return None
+        obj = getattr(transport, "_ssl_object", None)
+        incoming = getattr(transport, "_incoming", None)
+        outgoing = getattr(transport, "_outgoing", None)
+        once = getattr(transport, "_handshook", None)
+        trio_sock = getattr(transport.transport_stream, "socket", None)
+        sock = getattr(trio_sock, "_sock", None)
+        if not (
+            isinstance(obj, ssl.SSLObject)
+            and isinstance(incoming, ssl.MemoryBIO)
+            and isinstance(outgoing, ssl.MemoryBIO)
+            and getattr(once, "done", False)
+            and isinstance(sock, socket.socket)
+        ):
+            return None
+        direct = cls(obj, incoming, outgoing, sock)
+        # TLS 1.3 server: trio holds the session tickets back until the first write (see
+        # trio issue 819); they go first in our first write.
+        delayed = getattr(transport, "_delayed_outgoing", None)
+        if isinstance(delayed, bytes):
+            transport._delayed_outgoing = None  # type: ignore[attr-defined]
+            direct._delayed = delayed
+        elif delayed is not None:
+            return None
+        return direct
+
+    @property
+    def has_output(self) -> bool:
+        """TLS wrote bytes of its own (a key update answer, session tickets) to be sent."""
+        return bool(self._out.pending)
+
+    async def receive(self) -> bytes:
+        """Plaintext, up to RECEIVE_CHUNK; b"" at the end. Errors: OSError, ssl.SSLError."""
+        obj, incoming, sock = self._obj, self._in, self._sock
+        waited = False
+        while True:
+            parts: list[bytes] = []
+            total = 0
+            eof = False
+            while total < RECEIVE_CHUNK:
+                try:
+                    chunk = obj.read(RECEIVE_CHUNK - total)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:  # close_notify
+                    eof = True
+                    break
+                if not chunk:
+                    eof = True
+                    break
+                parts.append(chunk)
+                total += len(chunk)
+            if parts:
+                if not waited:
+                    await trio.lowlevel.checkpoint()  # one schedule point per read
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            try:
+                data = sock.recv(TRANSPORT_READ)
+            except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            if not data:  # TCP FIN without close_notify: the peer is gone all the same
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+                return b""
+            incoming.write(data)
+
+    async def send(self, data: bytes | None) -> None:
+        """Encrypt and send ``data`` (and whatever TLS queued itself). Errors: OSError,
+        ssl.SSLError. No schedule point unless the socket is full: the caller has one."""
+        if data:
+            self._obj.write(data)
+        wire = self._out.read()
+        if self._delayed:
+            wire, self._delayed = self._delayed + wire, b""
+        if not wire:
+            return
+        view = memoryview(wire)
+        sock = self._sock
+        while view:
+            try:
+                n = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            view = view[n:]
+
+
 class HboneStatusError(HboneError):
     """The server answered the CONNECT with a status other than 200."""
 
@@ -115,6 +235,13 @@ class HboneConnectError(HboneError):
 
 class HboneStream(trio.abc.HalfCloseableStream):
     """One CONNECT tunnel. Byte stream semantics; see module docs for back-pressure."""
+
+    # slots: one of these per open tunnel on each side (the trio.abc bases have empty slots)
+    __slots__ = (
+        "connection", "stream_id", "authority", "peer_identity", "status", "_recv",
+        "_recv_off", "_recv_eof", "_send_eof", "_reset_code", "_reset_remote", "_conn_dead",
+        "_closed", "_recv_busy", "_send_busy", "_waiter", "_sink", "__weakref__",
+    )
 
     def __init__(
         self,
@@ -141,36 +268,74 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._recv_busy = False
         self._send_busy = False
-        self._lot = trio.lowlevel.ParkingLot()
+        # the one task waiting on this stream (the reader, or the opener for the response):
+        # a ParkingLot (an attrs object and an OrderedDict) per stream was ~0.6 KB per idle
+        # connection per side, and slower to wake
+        self._waiter: trio.lowlevel.Task | None = None
+        # set by the relay while it waits in receive_some(): takes received bytes straight
+        # from the connection's reader (see _on_data)
+        self._sink: Callable[[bytes], int] | None = None
 
     def __repr__(self) -> str:
         return f"<HboneStream {self.stream_id} {self.authority}>"
 
+    def _wake(self) -> None:
+        task = self._waiter
+        if task is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+
+    async def _park(self) -> None:
+        """Wait for ``_wake()`` (a schedule point; cancellable)."""
+        if self._waiter is not None:
+            raise trio.BusyResourceError("another task is waiting on this stream")
+        task = trio.lowlevel.current_task()
+        self._waiter = task
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._waiter is task:
+                self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
     # -- called by the connection -----------------------------------------------------------
     def _on_data(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None and not self._recv and self._waiter is not None and self._recv_busy:
+            # The consumer is parked in receive_some() with nothing buffered, and has a sink
+            # (the relay: a non-blocking send to its TCP socket). Handing the bytes over here
+            # saves waking it (a task switch per delivery); what the sink does not take is
+            # buffered and the consumer woken, as usual, so order is kept.
+            n = sink(data)
+            if n:
+                self.connection._acknowledge(self.stream_id, n)
+                if n == len(data):
+                    return
+                data = data[n:]
         self._recv.append(data)
-        self._lot.unpark_all()
+        self._wake()
 
     def _on_eof(self) -> None:
         self._recv_eof = True
-        self._lot.unpark_all()
+        self._wake()
 
     def _on_response(self, status: int) -> None:
         self.status = status
-        self._lot.unpark_all()
+        self._wake()
 
     def _on_reset(self, code: int, *, remote: bool) -> None:
         if self._reset_code is None:
             self._reset_code = code
             self._reset_remote = remote
         self._discard_buffered()
-        self._lot.unpark_all()
+        self._wake()
         self.connection._window_lot.unpark_all()  # a sender waiting for window must see it
 
     def _on_conn_dead(self) -> None:
         # Bytes already received stay readable; after them the stream reports the loss.
         self._conn_dead = True
-        self._lot.unpark_all()
+        self._wake()
 
     def _discard_buffered(self) -> None:
         """Give unread bytes back to the connection window: nobody will read them."""
@@ -201,7 +366,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 raise HboneError(f"stream reset before response (code {self._reset_code})")
             if self._conn_dead:
                 raise HboneError(f"connection lost before response: {self.connection.dead_reason}")
-            await self._lot.park()
+            await self._park()
         return self.status
 
     # -- receiving --------------------------------------------------------------------------
@@ -212,11 +377,18 @@ class HboneStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._recv_busy = True
         try:
-            await trio.lowlevel.checkpoint()
+            # A checkpoint, but one task switch only: parking is the schedule point when no
+            # data is there yet (a checkpoint *and* a park was two switches per read).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            scheduled = False
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed")
                 if self._recv:
+                    if not scheduled:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        scheduled = True
+                        continue  # state may have changed meanwhile
                     return self._take(max_bytes)
                 if self._reset_code is not None:
                     who = "peer" if self._reset_remote else "us"
@@ -227,7 +399,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 if self._conn_dead:
                     raise trio.BrokenResourceError(
                         f"HBONE connection lost: {self.connection.dead_reason}")
-                await self._lot.park()
+                await self._park()
+                scheduled = True
         finally:
             self._recv_busy = False
 
@@ -316,7 +489,10 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
             if self.finished:
                 self.connection._forget(self)
-            await self.connection._flush()
+            # Queued behind everything sent before it; a failed write breaks the connection
+            # and the next operation reports it. Not waiting for the writer saves a switch.
+            self.connection._kick()
+            await trio.lowlevel.checkpoint_if_cancelled()
         finally:
             self._send_busy = False
 
@@ -326,10 +502,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._closed = True
             self._abort(ErrorCodes.CANCEL)
             self._discard_buffered()
-            self._lot.unpark_all()
+            self._wake()
             self.connection._window_lot.unpark_all()
             self.connection._kick()
-        await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+        else:  # already closed (the relay closes, then the handler's cleanup): no switch
+            await trio.lowlevel.checkpoint_if_cancelled()
 
 
 class HboneConnection:
@@ -365,10 +543,15 @@ class HboneConnection:
         self._pending_seq = 0
         self._written_seq = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
+        # _flush() waiters park in _written_lot; the writer swaps in _spare_lot when it takes
+        # a batch, so only the waiters of that batch are woken when it is written (one lot
+        # for all woke every waiter after every write: ~3x the task switches per stream)
         self._written_lot = trio.lowlevel.ParkingLot()
+        self._spare_lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()
         self._streams_lot = trio.lowlevel.ParkingLot()
         self._started = False
+        self._direct: _DirectTls | None = None  # set in run(): the handshake is done by then
         self._run_scope: trio.CancelScope | None = None
         self._done = trio.Event()
         self.dead_reason: str | None = None
@@ -424,15 +607,27 @@ class HboneConnection:
                 await self._writer_lot.park()
                 continue
             seq = self._pending_seq
-            data = self._proto.data_to_send()
-            if data:
-                try:
-                    await self.transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    self._die(f"write failed: {e!r}")
-                    return
-            self._written_seq = seq
-            self._written_lot.unpark_all()
+            batch_lot, self._written_lot = self._written_lot, self._spare_lot
+            try:
+                data = self._proto.data_to_send()
+                direct = self._direct
+                if direct is not None:
+                    try:
+                        await direct.send(data)
+                    except (OSError, ssl.SSLError) as e:
+                        self._die(f"write failed: {e!r}")
+                        return
+                elif data:
+                    try:
+                        await self.transport.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                        self._die(f"write failed: {e!r}")
+                        return
+                self._written_seq = seq
+            finally:
+                # woken on every exit: written, or dead (they see dead_reason), or cancelled
+                self._spare_lot = batch_lot
+                batch_lot.unpark_all()
 
     def _acknowledge(self, stream_id: int, n: int) -> None:
         if self.dead_reason is None:
@@ -459,7 +654,8 @@ class HboneConnection:
         for stream in list(self._streams.values()):
             stream._on_conn_dead()
         self._streams.clear()
-        for lot in (self._window_lot, self._written_lot, self._writer_lot, self._streams_lot):
+        for lot in (self._window_lot, self._written_lot, self._spare_lot, self._writer_lot,
+                    self._streams_lot):
             lot.unpark_all()
         if self._run_scope is not None:
             self._run_scope.cancel()
@@ -471,6 +667,7 @@ class HboneConnection:
             raise RuntimeError("HboneConnection.run() called twice")
         self._started = True
         try:
+            self._direct = _DirectTls.create(self.transport)
             self._proto.initiate()
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
@@ -494,11 +691,18 @@ class HboneConnection:
             self._done.set()
 
     async def _reader_loop(self) -> str:
-        drain = _tls_drainer(self.transport)
+        direct = self._direct
+        drain = _tls_drainer(self.transport) if direct is None else None
         while True:
             try:
-                data = await self.transport.receive_some(RECEIVE_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                if direct is not None:
+                    data = await direct.receive()
+                    if direct.has_output:  # TLS answered something itself: send it
+                        self._kick()
+                else:
+                    data = await self.transport.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                    ssl.SSLError) as e:
                 return f"read failed: {e!r}"
             if drain is not None and data:
                 data = drain(data)
@@ -618,10 +822,9 @@ class HboneConnection:
         self.last_used = trio.current_time()
         ok = False
         try:
-            try:
-                await self._flush()
-            except trio.BrokenResourceError as e:
-                raise HboneError(str(e)) from e
+            # No wait for the writer: the wait for the response covers it (a failed write
+            # kills the connection, which wakes us with an error); one task switch less.
+            self._kick()
             status = await stream._wait_response()
             if status != 200:
                 raise HboneStatusError(status)
@@ -647,7 +850,12 @@ class HboneConnection:
             stream._send_eof = True
             if stream.finished:
                 self._forget(stream)
-        await self._flush()
+            await self._flush()
+        else:
+            # 200: the relay that follows reports a failed write; not waiting for the writer
+            # here saves a task switch per tunnel.
+            self._kick()
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def drain(self) -> None:
         """Send GOAWAY (NO_ERROR), let open streams finish, then close. Bound it with a

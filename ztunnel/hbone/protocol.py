@@ -201,6 +201,15 @@ class _HboneH2Connection(h2.connection.H2Connection):
     def has_output(self) -> bool:
         return bool(self._out) or bool(self._data_to_send)
 
+    def _local_settings_acked(self):  # type: ignore[no-untyped-def]
+        # h2 sets the frame buffer's size limit once per receive_data(): when the ACK of our
+        # SETTINGS (MAX_FRAME_SIZE 1 MiB) and a larger DATA frame from the peer arrive in the
+        # same read, the DATA frame was refused as overlong and the connection killed. Apply
+        # the new limit at once (a server-first app answering on a fresh connection hit it).
+        changes = super()._local_settings_acked()
+        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
+        return changes
+
     def _receive_goaway_frame(self, frame: hyperframe.frame.GoAwayFrame):  # type: ignore[override]
         if frame.error_code != ErrorCodes.NO_ERROR:
             return super()._receive_goaway_frame(frame)
