@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from controlplane import resources as res
-from controlplane.translate import same_content, translate
+from controlplane.translate import is_news, translate
 from nodeproxy import model
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,10 @@ class DirectorySource:
         if not changed and self.state is not None:
             return None
         new = translate(self.resources, version=self.version + 1, trust_domain=self.trust_domain)
-        if self.state is not None and same_content(self.state, new):
+        if not is_news(self.state, new):
             return None
         self.version += 1
         self.state = new
-        log.info(
-            "mesh state v%d: %d workloads, %d services, %d policies, %d namespaces",
-            new.version, len(new.workloads), len(new.services), len(new.policies),
-            len(new.namespaces),
-        )
         return new
 
     def _reload(self) -> bool:

@@ -261,3 +261,15 @@ def _rule(rule: res.PolicyRule) -> model.Rule:
 def same_content(a: model.MeshState, b: model.MeshState) -> bool:
     """Equal apart from the version number."""
     return all(getattr(a, kind) == getattr(b, kind) for kind in model.KINDS)
+
+
+def is_news(old: model.MeshState | None, new: model.MeshState) -> bool:
+    """Whether a source should publish ``new`` (its content differs from ``old``); logs it."""
+    if old is not None and same_content(old, new):
+        return False
+    log.info(
+        "mesh state v%d: %d workloads, %d services, %d policies, %d namespaces",
+        new.version, len(new.workloads), len(new.services), len(new.policies),
+        len(new.namespaces),
+    )
+    return True

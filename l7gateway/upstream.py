@@ -30,9 +30,8 @@ from h2.errors import ErrorCodes
 from l7gateway.http2 import H2Config, H2Connection, H2Stream, StreamError
 from l7gateway.retry import CONNECT_FAILURE, REFUSED_STREAM, RESET
 from nodeproxy.certmanager import CertificateManager
-from nodeproxy.tlsconfig import check_peer
 from ztunnel.endpoints import Endpoint
-from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.pool import HbonePool, PoolKey, client_tls
 from ztunnel.hbone.protocol import HBONE_PORT, HboneError, format_authority
 from ztunnel.sockets import set_keepalive
 
@@ -42,7 +41,6 @@ Dial = Callable[[Endpoint], Awaitable[trio.abc.Stream]]
 Headers = list[tuple[str, str]]
 
 CONNECT_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 H1_IDLE_PER_ENDPOINT = 32
@@ -117,15 +115,7 @@ class HboneDialer:
         with trio.fail_after(CONNECT_TIMEOUT):
             tcp = await trio.open_tcp_stream(*key.next_hop)
         set_keepalive(tcp.socket)  # type: ignore[arg-type]
-        tls = trio.SSLStream(tcp, cert.client_context(), server_side=False)
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-            check_peer(tls, key.dst_identities)
-        except BaseException:
-            await trio.aclose_forcefully(tls)
-            raise
-        return tls
+        return await client_tls(tcp, cert.client_context(), key.dst_identities)
 
     async def __call__(self, endpoint: Endpoint) -> trio.abc.Stream:
         wl = endpoint.workload

@@ -26,10 +26,9 @@ from nodeproxy.discovery import DiscoveryClient, TokenFile
 from nodeproxy.model import MeshState, Workload
 from nodeproxy.telemetry.metrics import ProxyMetrics
 from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
-from nodeproxy.tlsconfig import check_peer
 from ztunnel import hostmode
 from ztunnel.hbone.connection import LargeReadStream
-from ztunnel.hbone.pool import HbonePool, PoolKey
+from ztunnel.hbone.pool import HbonePool, PoolKey, client_tls
 from ztunnel.inbound import admission
 from ztunnel.inpod.channel import PodInfo, run_channel
 from ztunnel.podproxy import PodProxy
@@ -40,7 +39,6 @@ from ztunnel.sockets import set_keepalive
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
-HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -129,17 +127,8 @@ class NodeProxy:
             sock.close()
             raise
         # large reads under TLS: fewer passes through trio and ssl per record
-        tls = trio.SSLStream(
-            LargeReadStream(trio.SocketStream(sock)), cert.client_context(), server_side=False
-        )
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
-            check_peer(tls, key.dst_identities)
-        except BaseException:
-            await trio.aclose_forcefully(tls)
-            raise
-        return tls
+        transport = LargeReadStream(trio.SocketStream(sock))
+        return await client_tls(transport, cert.client_context(), key.dst_identities)
 
     # -- the node agent's pods (ztunnel.inpod.channel.PodHandler) ------------------------
     async def add(self, pod: PodInfo, netns_fd: int) -> None:

@@ -32,7 +32,7 @@ import trio
 from controlplane import resources as res
 from controlplane.kube import client as kc
 from controlplane.source_dir import initial_version
-from controlplane.translate import same_content, translate
+from controlplane.translate import is_news, translate
 from nodeproxy import model
 
 log = logging.getLogger(__name__)
@@ -230,15 +230,10 @@ class KubeSource:
     def scan(self) -> model.MeshState | None:
         """Rebuild; the new state when its content changed (not yet published)."""
         new = self.build()
-        if self.state is not None and same_content(self.state, new):
+        if not is_news(self.state, new):
             return None
         self.version += 1
         self.state = new
-        log.info(
-            "mesh state v%d: %d workloads, %d services, %d policies, %d namespaces",
-            new.version, len(new.workloads), len(new.services), len(new.policies),
-            len(new.namespaces),
-        )
         return new
 
     # -- running ----------------------------------------------------------------------------

@@ -10,10 +10,13 @@ for ``idle_timeout`` are closed; dead or GOAWAY'd ones are replaced.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import ssl
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, NamedTuple
 
 import trio
+
+from nodeproxy.tlsconfig import check_peer
 
 from .connection import HboneConnectError, HboneConnection, HboneStatusError, HboneStream
 from .protocol import HboneError
@@ -21,7 +24,25 @@ from .protocol import HboneError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
 OPEN_ATTEMPTS = 3
+
+
+async def client_tls(
+    transport: trio.abc.Stream, context: ssl.SSLContext, expected: Collection[str]
+) -> trio.SSLStream:
+    """The TLS client end of a new HBONE connection (no SNI): handshake within
+    HANDSHAKE_TIMEOUT, then the server must present one of the ``expected`` identities.
+    The transport is closed if either fails."""
+    tls = trio.SSLStream(transport, context, server_side=False)
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await tls.do_handshake()
+        check_peer(tls, expected)
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
 
 
 class PoolKey(NamedTuple):
