@@ -22,10 +22,9 @@ from nodeproxy.telemetry.metrics import ConnectionLabels
 from nodeproxy.tlsconfig import PeerIdentityError, check_trust_domain
 from ztunnel.hbone.connection import LargeReadStream
 from ztunnel.hbone.server import serve_hbone_connection
-from ztunnel.outbound import fmt_addr
+from ztunnel.outbound import captured, fmt_addr
 from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters, RelayError, abort, relay
-from ztunnel.sockets import original_dst
 
 if TYPE_CHECKING:
     from ztunnel.hbone.server import HboneRequest
@@ -104,13 +103,10 @@ async def _serve_connect(
 
 async def handle_plaintext(proxy: NodeProxy, pod: PodProxy, client: trio.SocketStream) -> None:
     """A caller outside the mesh, redirected to 15006: policy with no identity."""
-    src_ip, src_port = client.socket.getpeername()[:2]
-    try:
-        dst_ip, dst_port = original_dst(client.socket)
-    except OSError as exc:
-        log.warning("inbound plaintext to %s: no original destination: %s", pod.name, exc)
-        await abort(client)
+    addrs = await captured(client, f"inbound plaintext to {pod.name}")
+    if addrs is None:
         return
+    (src_ip, src_port), (dst_ip, dst_port) = addrs
     await _admit(proxy, pod, src_ip, None, dst_ip, dst_port, plain=client, src_port=src_port)
 
 
@@ -153,27 +149,26 @@ async def _admit(
         "dst.namespace": pod.namespace,
         "dst.identity": pod.identity,
     }
-    if not decision.allowed:
-        log.info("inbound %s denied: %s", fmt_addr(dst_ip, dst_port), decision.reason)
-        proxy.metrics.failed(labels, "DENY")
-        entry["error"] = f"policy rejection: {decision.reason}"
+
+    async def refuse(status: int, flags: str, error: str) -> None:
+        """Count, log, and answer: an HBONE status, or a reset for a plaintext caller."""
+        proxy.metrics.failed(labels, flags)
+        entry["error"] = error
         log_connection(**entry, bytes_sent=0, bytes_recv=0, duration=0)
         if hbone is not None:
-            await hbone.reject(401)
+            await hbone.reject(status)
         elif plain is not None:
             await abort(plain)
+
+    if not decision.allowed:
+        log.info("inbound %s denied: %s", fmt_addr(dst_ip, dst_port), decision.reason)
+        await refuse(401, "DENY", f"policy rejection: {decision.reason}")
         return
     try:
         app = await _dial_app(pod, src_ip, dst_ip, dst_port)
     except OSError as exc:
         log.info("inbound %s: app unreachable: %s", fmt_addr(dst_ip, dst_port), exc)
-        proxy.metrics.failed(labels, "UF")
-        entry["error"] = f"connect: {exc}"
-        log_connection(**entry, bytes_sent=0, bytes_recv=0, duration=0)
-        if hbone is not None:
-            await hbone.reject(503)
-        elif plain is not None:
-            await abort(plain)
+        await refuse(503, "UF", f"connect: {exc}")
         return
     if hbone is not None:
         try:

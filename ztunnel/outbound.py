@@ -83,16 +83,27 @@ def plan_outbound(
     return Plan(False, target_ip, target_port, authority, None, dest.service, target)
 
 
+async def captured(
+    client: trio.SocketStream, what: str
+) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    """(caller, original destination) of a REDIRECTed connection; without an original
+    destination the connection is reset and None returned."""
+    src = client.socket.getpeername()[:2]
+    try:
+        return src, original_dst(client.socket)
+    except OSError as exc:
+        log.warning("%s: no original destination: %s", what, exc)
+        await abort(client)
+        return None
+
+
 async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketStream) -> None:
     """Serve one captured outbound connection to its end."""
     started = time.monotonic()
-    src_ip, src_port = client.socket.getpeername()[:2]
-    try:
-        dst_ip, dst_port = original_dst(client.socket)
-    except OSError as exc:
-        log.warning("outbound from %s: no original destination: %s", pod.name, exc)
-        await abort(client)
+    addrs = await captured(client, f"outbound from {pod.name}")
+    if addrs is None:
         return
+    (src_ip, src_port), (dst_ip, dst_port) = addrs
     state = proxy.state
     source = state.workloads.get(pod.uid)
     try:
