@@ -262,6 +262,28 @@ async def serve(ports: list[int], name: str, namespace: str, host: str = "",
         task_status.started(bound)
 
 
+def start_grpc(port: int, name: str) -> Any:
+    """A gRPC echo (grpcio's own threads, beside the trio app): /nodeproxy.Echo/Say answers
+    ``echo:<request>`` with trailer ``x-served-by: <name>``. grpcio is a test extra."""
+    from concurrent import futures
+
+    import grpc  # only when asked for: the mesh itself never needs it
+
+    def say(request: bytes, context: Any) -> bytes:
+        context.set_trailing_metadata((("x-served-by", name),))
+        return b"echo:" + request
+
+    handler = grpc.method_handlers_generic_handler(
+        "nodeproxy.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.start()
+    log.info("gRPC echo %s listening on port %d", name, port)
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="nodeproxy echo", description="HTTP/TCP echo app")
@@ -269,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="port to listen on (repeat for several; default 8080)")
     p.add_argument("--name", help="name to report (default: $POD_NAME or the host name)")
     p.add_argument("--host", default="", help="address to bind (default: all)")
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help="also serve gRPC (unary /nodeproxy.Echo/Say, raw bytes) on this port")
     p.add_argument("--fail-status", type=int, metavar="CODE",
                    help="answer every HTTP request with this status (a broken replica)")
     args = p.parse_args(argv)
@@ -277,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     name = args.name or os.environ.get("POD_NAME") or os.uname().nodename
     namespace = os.environ.get("POD_NAMESPACE", "")
+    grpc_server = start_grpc(args.grpc_port, name) if args.grpc_port else None
     try:
         trio.run(
             partial(serve, fail_status=args.fail_status),
@@ -287,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"echo: {e}", file=sys.stderr)
         return 1
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=None)
     return 0
 
 
