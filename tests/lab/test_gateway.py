@@ -94,10 +94,10 @@ def test_unmatched_request_on_a_routed_service_is_404(gw: Lab):
 
 
 def test_weighted_split_70_30(gw: Lab):
-    counts = loop(gw, 400, "echo.web", "/split")
+    counts = loop(gw, 1000, "echo.web", "/split")
     v2 = counts.get("200 echo-v2", 0)
-    assert sum(counts.values()) == 400 and all(k.startswith("200 ") for k in counts)
-    assert 0.25 <= v2 / 400 <= 0.35, counts
+    assert sum(counts.values()) == 1000 and all(k.startswith("200 ") for k in counts)
+    assert 0.25 <= v2 / 1000 <= 0.35, counts  # ±5 % (3.4 standard deviations)
 
 
 def test_header_match_routes_to_the_canary(gw: Lab):
@@ -157,16 +157,22 @@ def test_traceparent_is_started_or_propagated(gw: Lab):
 
 
 def test_retries_rescue_a_flaky_backend(gw: Lab):
-    before = metric_sum(gateway_metrics(gw), "nodeproxy_gateway_retries_total")
-    counts = loop(gw, 40, "flaky.web")
-    assert counts == {"200 flaky-good": 40}
-    assert metric_sum(gateway_metrics(gw), "nodeproxy_gateway_retries_total") > before
+    # every request succeeds although one of the two replicas answers only 503: a request
+    # sent to it is retried on the other (how often it is sent there at all is the
+    # balancer's business; test_non_idempotent_post_is_not_retried counts retries exactly)
+    assert loop(gw, 40, "flaky.web") == {"200 flaky-good": 40}
 
 
 def test_non_idempotent_post_is_not_retried(gw: Lab):
-    counts = loop(gw, 40, "flaky.web", method="POST", body="order=1")
-    assert counts.get("503 flaky-bad", 0) > 0, counts
-    assert counts.get("200 flaky-good", 0) > 0, counts
+    def retries() -> float:
+        return metric_sum(gateway_metrics(gw), "nodeproxy_gateway_retries_total")
+
+    start = retries()
+    assert loop(gw, 4, "broken.web") == {"503 flaky-bad": 4}
+    after_get = retries()
+    assert after_get - start == 4 * 3  # GET: every attempt retried, 3 times each
+    assert loop(gw, 4, "broken.web", method="POST", body="order=1") == {"503 flaky-bad": 4}
+    assert retries() == after_get  # POST answered 503: the backend may have acted on it
 
 
 def test_request_timeout_gives_504(gw: Lab):
@@ -407,11 +413,13 @@ def test_connection_failures_are_retried_on_another_endpoint_even_for_post(gw: L
     assert loop(gw, 10, "mixed.web", method="POST", body="x=1") == {"200 mixed-ok": 10}
 
 
-def test_failing_endpoint_is_ejected(gw: Lab):
+def test_a_failing_endpoint_gets_little_traffic(gw: Lab):
     counts = loop(gw, 80, "flaky-noretry.web")
     bad = counts.get("503 flaky-bad", 0)
-    # without ejection about half would fail; it is ejected after a few consecutive failures
-    assert 0 < bad <= 16, counts
+    # round robin would send it half; the balancer (failures raise an endpoint's cost, and
+    # repeated ones eject it — unit-tested in test_l7_balancer/test_gateway_basics) keeps
+    # it to a few
+    assert bad <= 16, counts
     assert counts.get("200 flaky-good", 0) >= 64, counts
 
 
@@ -438,20 +446,25 @@ def test_backend_request_timeout_bounds_one_attempt(gw: Lab):
 
 
 def test_request_bodies_are_replayed_on_retry_within_the_buffer(gw: Lab):
-    body = "x" * 10_000
-    script = LOOP.replace("counts[\"%d %s\" % (r.status, pod)] += 1",
-                          "counts[\"%d %s %s\" % (r.status, pod, json.loads(data)"
-                          ".get('body_bytes'))] += 1")
-    proc = gw.exec("front/client", sys.executable, "-c", script.format(
-        host="replay-small.web", port=80, n=20, method="PUT", path="/", body=body, headers={}),
-        timeout=120)
-    assert json.loads(proc.stdout) == {"200 flaky-good 10000": 20}
+    def retries() -> float:
+        return metric_sum(gateway_metrics(gw), "nodeproxy_gateway_retries_total")
 
-
-def test_request_bodies_past_the_buffer_are_not_retried(gw: Lab):
-    counts = loop(gw, 30, "replay-big.web", method="PUT", body="y" * 100_000)
-    assert counts.get("503 flaky-bad", 0) > 0, counts  # never replayed past 64 KiB
-    assert counts.get("200 flaky-good", 0) > 0, counts
+    # PUT is idempotent: retried on 503, its 10 KB body replayed to every attempt (the last
+    # attempt's answer, which the client gets, says how many body bytes arrived)
+    start = retries()
+    proc = gw.exec("front/client", "sh", "-c",
+                   "head -c 10000 /dev/zero | curl -sS -m 10 -X PUT --data-binary @- "
+                   "http://broken.web/")
+    answer = json.loads(proc.stdout)
+    assert (answer["pod"], answer["body_bytes"]) == ("flaky-bad", 10000)
+    assert retries() - start == 3
+    # past the 64 KiB replay buffer: answered once, never retried
+    start = retries()
+    proc = gw.exec("front/client", "sh", "-c",
+                   "head -c 100000 /dev/zero | curl -sS -m 10 -X PUT --data-binary @- "
+                   "http://broken.web/")
+    assert json.loads(proc.stdout)["body_bytes"] == 100000
+    assert retries() == start
 
 
 GRPC_CLIENT = """
