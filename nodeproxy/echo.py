@@ -264,10 +264,14 @@ async def serve(ports: list[int], name: str, namespace: str, host: str = "",
 
 def start_grpc(port: int, name: str) -> Any:
     """A gRPC echo (grpcio's own threads, beside the trio app): /nodeproxy.Echo/Say answers
-    ``echo:<request>`` with trailer ``x-served-by: <name>``. grpcio is a test extra."""
+    ``echo:<request>`` with trailer ``x-served-by: <name>``. Needs grpcio, which is not a
+    dependency (`pip install grpcio`): for reproducing gRPC through the gateway by hand."""
     from concurrent import futures
 
-    import grpc  # only when asked for: the mesh itself never needs it
+    try:
+        import grpc  # only when asked for: the mesh itself never needs it
+    except ImportError:
+        raise SystemExit("echo --grpc-port needs grpcio: pip install grpcio") from None
 
     def say(request: bytes, context: Any) -> bytes:
         context.set_trailing_metadata((("x-served-by", name),))
