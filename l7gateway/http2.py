@@ -135,6 +135,12 @@ class H2Stream:
         if self.reset_code is None:
             self.reset_code = code
             self.refused = refused or code == ErrorCodes.REFUSED_STREAM
+        if self.ended:
+            # the peer's message was complete before the reset (a server that answered
+            # before reading the whole request resets it with NO_ERROR, RFC 9113 §8.1, as
+            # gRPC servers do): what was received stays readable, only sending stops
+            self._wake()
+            return
         for _, flow in self._data:
             self.conn._ack(self.id, flow)
         self._data.clear()

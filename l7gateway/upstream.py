@@ -543,7 +543,8 @@ class H2Exchange:
         if not 100 <= status <= 599:
             raise AttemptError(RESET, f"bad :status from upstream {status}")
         s = self.stream
-        return ResponseHead(status, rest, ended=s.ended and not s._data)
+        # ended: nothing at all follows the head (trailers after the head are not nothing)
+        return ResponseHead(status, rest, ended=s.ended and not s._data and s.trailers is None)
 
     async def receive_data(self) -> bytes:
         try:
@@ -557,7 +558,7 @@ class H2Exchange:
     def poll_data(self) -> bytes | None:
         """What :meth:`receive_data` would return, if it is already received; else None."""
         s = self.stream
-        if not s._data and not (s.ended and s.reset_code is None):
+        if not s._data and not s.ended:
             return None
         data = s.receive_data_nowait()
         if not data:

@@ -264,8 +264,8 @@ async def serve(ports: list[int], name: str, namespace: str, host: str = "",
 
 def start_grpc(port: int, name: str) -> Any:
     """A gRPC echo (grpcio's own threads, beside the trio app): /nodeproxy.Echo/Say answers
-    ``echo:<request>`` with trailer ``x-served-by: <name>``. Needs grpcio, which is not a
-    dependency (`pip install grpcio`): for reproducing gRPC through the gateway by hand."""
+    ``echo:<request>`` with trailer ``x-served-by: <name>``. Needs grpcio, a test extra
+    (the lab tests show gRPC through the gateway with it); the mesh itself never does."""
     from concurrent import futures
 
     try:

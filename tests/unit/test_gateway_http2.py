@@ -39,7 +39,18 @@ async def grpc_like_server(stream: trio.SocketStream) -> None:
         await stream.send_all(conn.data_to_send())
         while data := await stream.receive_some(65536):
             for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.DataReceived):
+                if isinstance(ev, h2.events.RequestReceived) and dict(ev.headers).get(
+                        ":path", "").endswith("/Early") and ev.stream_ended is None:
+                    # as grpc-python does: the whole answer before the request's end, then
+                    # RST_STREAM(NO_ERROR) ("stop sending", RFC 9113 §8.1), in one write
+                    sid = ev.stream_id
+                    conn.send_headers(sid, [(":status", "200"),
+                                            ("content-type", "application/grpc")])
+                    conn.send_data(sid, b"\x00\x00\x00\x00\x05early")
+                    conn.send_headers(sid, [("grpc-status", "0"), ("x-answered", "early")],
+                                      end_stream=True)
+                    conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+                elif isinstance(ev, h2.events.DataReceived):
                     bodies[ev.stream_id] = bodies.get(ev.stream_id, b"") + ev.data
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, h2.events.TrailersReceived):
@@ -107,6 +118,26 @@ async def test_trailers_round_trip_grpc_like(nursery):
             assert r["data"] == b"%d" % i and r["trailers"]["grpc-status"] == "0"
         assert sum(1 for ep in h.dials if ep.workload.name == "grpc-1") == 1
         assert 'request_protocol="grpc"' in await h.metrics()
+
+
+async def test_answer_before_the_request_ends_keeps_body_and_trailers(nursery):
+    # grpc-python answers a unary call as soon as it has the message, before the client's
+    # END_STREAM, and resets the stream with NO_ERROR: the gateway lost the body and trailers
+    # of such answers ("No status received" in a grpc client) when the reset came in the same
+    # read as the answer
+    state = await _setup(nursery)
+    async with gateway(state) as h:
+        c = await _h2_client(h, nursery, f"{GRPC_VIP}:80")
+        for _ in range(5):
+            sid = await c.send("POST", "/pkg.Svc/Early", body=b"\x00\x00\x00\x00\x02hi",
+                               headers=[("content-type", "application/grpc"),
+                                        ("te", "trailers")],
+                               trailers=[("x-client-trailer", "abc")])
+            with trio.fail_after(10):
+                r = await c.wait(sid)
+            assert r["headers"][":status"] == "200"
+            assert r["data"] == b"\x00\x00\x00\x00\x05early"
+            assert r.get("trailers") == {"grpc-status": "0", "x-answered": "early"}
 
 
 async def _goaway_of(t) -> hyperframe.frame.GoAwayFrame | None:
