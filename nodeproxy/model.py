@@ -222,6 +222,53 @@ class Gateway:
 KINDS = ("namespaces", "workloads", "services", "policies", "gateways", "routes")
 
 
+class _Table(dict):  # type: ignore[type-arg]
+    """A dict that counts its changes, so lookups derived from it know when to rebuild."""
+
+    generation = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.generation += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.generation += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.generation += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.generation += 1
+        return super().popitem()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.generation += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        self.generation += 1
+        super().update(*args, **kw)
+
+    def clear(self) -> None:
+        self.generation += 1
+        super().clear()
+
+    def __ior__(self, other: Any) -> _Table:
+        self.generation += 1
+        return super().__ior__(other)  # type: ignore[no-any-return]
+
+
+def _address_index(table: _Table) -> dict[str, Any]:
+    """address → object, the first in table order winning (as a scan would find it)."""
+    index: dict[str, Any] = {}
+    for obj in table.values():
+        for addr in obj.addresses:
+            index.setdefault(addr, obj)
+    return index
+
+
 @dataclass
 class MeshState:
     """Everything a proxy knows about the mesh, keyed for lookup."""
@@ -234,18 +281,30 @@ class MeshState:
     routes: dict[str, HTTPRoute] = field(default_factory=dict)
     version: int = 0
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # every table is a _Table, however it was given, so the address indexes below
+        # notice any change to it
+        if name in KINDS and not isinstance(value, _Table):
+            value = _Table(value)
+        object.__setattr__(self, name, value)
+
     # -- lookups -------------------------------------------------------------------------
+    def _indexed(self, kind: str) -> dict[str, Any]:
+        """The address index of ``kind``, rebuilt when its table changed (every connection
+        looks up its source and destination: a scan per lookup grows with the mesh)."""
+        table = getattr(self, kind)
+        cache = self.__dict__.setdefault("_indexes", {})
+        hit = cache.get(kind)
+        if hit is None or hit[0] is not table or hit[1] != table.generation:
+            hit = (table, table.generation, _address_index(table))
+            cache[kind] = hit
+        return hit[2]
+
     def workload_by_ip(self, ip: str) -> Workload | None:
-        for w in self.workloads.values():
-            if ip in w.addresses:
-                return w
-        return None
+        return self._indexed("workloads").get(ip)
 
     def service_by_vip(self, ip: str) -> Service | None:
-        for s in self.services.values():
-            if ip in s.addresses:
-                return s
-        return None
+        return self._indexed("services").get(ip)
 
     def gateway_for(self, namespace: str) -> Gateway | None:
         """The namespace's L7 gateway, if it has one that is up."""
