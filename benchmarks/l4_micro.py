@@ -11,6 +11,9 @@ barely moves it, unlike wall-clock figures.
     python -m benchmarks.l4_micro latency   # one connection, 1 KB ping-pong (CPU and p50)
     python -m benchmarks.l4_micro idle      # memory per open idle connection (95: one HBONE conn)
     python -m benchmarks.l4_micro bulk      # 256 MiB one way over one connection
+
+For ``idle``, ``L4_MICRO_TOP=1`` lists the largest allocations per connection (tracemalloc),
+grouped by line, or by file with ``L4_MICRO_TOP_BY=filename``.
 """
 
 from __future__ import annotations
@@ -244,7 +247,8 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
                 await trio.sleep(0.2)
                 m1 = tracemalloc.get_traced_memory()[0]
                 if os.environ.get("L4_MICRO_TOP"):
-                    for stat in tracemalloc.take_snapshot().statistics("lineno")[:25]:
+                    by = os.environ.get("L4_MICRO_TOP_BY", "lineno")
+                    for stat in tracemalloc.take_snapshot().statistics(by)[:25]:
                         print(f"{stat.size / n:8.0f} B/conn {stat.count / n:5.1f}/conn "
                               f"{stat.traceback}")
                 tracemalloc.stop()

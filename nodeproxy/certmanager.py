@@ -8,14 +8,17 @@ object, so connections already made keep the TLS context they were made with.
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import trio
-from cryptography.x509 import verification
 
 from nodeproxy import certs, tlsconfig
 from nodeproxy import identity as spiffe
@@ -25,6 +28,16 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 150.0
+HELPER_TIMEOUT = 30.0  # a key, a CSR, a chain check: well under a second normally
+HELPER_MAX_LINE = 1 << 20
+_PACKAGE_ROOT = str(Path(certs.__file__).resolve().parents[1])
+
+
+def _pem_to_der(pem: bytes) -> bytes:
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    except (ValueError, UnicodeDecodeError) as e:  # binascii.Error is a ValueError
+        raise CertError(f"malformed certificate: {e}") from None
 
 
 class CertificateUnavailable(Exception):
@@ -91,19 +104,29 @@ class CertificateManager:
         roots_pem: bytes,
         *,
         clock: Callable[[], datetime] = certs.utcnow,
+        isolate_crypto: bool = False,
     ) -> None:
+        """``isolate_crypto``: make keys and check issued chains in a short-lived helper
+        process (``python -m nodeproxy.certs``), so that this process never loads
+        ``cryptography`` (the long-running node proxy does this to stay small)."""
         self._fetch = fetch
         self._roots_pem = roots_pem
         self._clock = clock
+        self._isolate_crypto = isolate_crypto
         self._entries: dict[str, _Entry] = {}
         self._nursery: trio.Nursery | None = None
+        pems = certs.split_pem_chain(roots_pem)
+        if not pems:
+            raise CertError("no certificate in the trust roots")
         try:
-            roots = [certs.load_certificate(pem) for pem in certs.split_pem_chain(roots_pem)]
+            if isolate_crypto:
+                for pem in pems:  # the helper checks them fully on every issue
+                    certs.der_spiffe_ids(_pem_to_der(pem))
+            else:
+                for pem in pems:
+                    certs.load_certificate(pem)
         except CertError as e:
             raise CertError(f"trust roots: {e}") from None
-        if not roots:
-            raise CertError("no certificate in the trust roots")
-        self._store = verification.Store(roots)
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -248,45 +271,133 @@ class CertificateManager:
         return cert
 
     async def _fetch_new(self, identity: str) -> Certificate:
-        key = certs.generate_key()  # a fresh key for every certificate, as Istio does
-        csr = certs.make_csr(identity, key)
+        if self._isolate_crypto:
+            return await self._fetch_new_isolated(identity)
+        key_pem, csr = certs.issue_request(identity)
+        chain = await self._sign(identity, csr)
+        try:
+            info = certs.check_issued(identity, key_pem, chain, self._roots_pem, self._clock())
+        except CertError as e:
+            raise self._unusable(identity, e) from e
+        return Certificate(identity, chain, key_pem, self._roots_pem, info)
+
+    async def _sign(self, identity: str, csr: bytes) -> list[bytes]:
+        """The control plane's answer to our CSR (chain normalised to bytes)."""
         try:
             chain = await self._fetch(csr)
         except Exception as e:
             log.warning("fetching certificate for %s failed: %s", identity, e)
             raise CertificateUnavailable(f"fetching certificate for {identity} failed: {e}") from e
-        try:
-            return self._accept(identity, key, chain)
-        except CertError as e:
-            log.error("control plane returned an unusable certificate for %s: %s", identity, e)
-            raise CertificateUnavailable(f"unusable certificate for {identity}: {e}") from e
+        if isinstance(chain, list):
+            chain = [c.encode() if isinstance(c, str) else c for c in chain]
+        return chain
 
-    def _accept(self, identity: str, key: Any, chain: list[bytes]) -> Certificate:
-        """Check what the control plane returned before any connection relies on it."""
-        if not isinstance(chain, list) or not chain:
-            raise CertError("empty certificate chain")
-        chain = [c.encode() if isinstance(c, str) else c for c in chain]
-        parsed = [certs.load_certificate(c) for c in chain]
-        leaf = parsed[0]
-        ids = certs.spiffe_ids(leaf)
-        if ids != [identity]:
-            raise CertError(f"leaf identity is {ids}, asked for {identity}")
-        if leaf.public_key().public_numbers() != key.public_key().public_numbers():
-            raise CertError("leaf certificate is not for the key we sent")
-        verifier = (
-            verification.PolicyBuilder()
-            .store(self._store)
-            .time(self._clock())
-            .build_client_verifier()
+    @staticmethod
+    def _unusable(identity: str, e: CertError) -> CertificateUnavailable:
+        log.error("control plane returned an unusable certificate for %s: %s", identity, e)
+        return CertificateUnavailable(f"unusable certificate for {identity}: {e}")
+
+    async def _fetch_new_isolated(self, identity: str) -> Certificate:
+        """Key, CSR and the check of the answer in a short-lived ``python -m nodeproxy.certs``.
+
+        ``cryptography`` stays out of this long-running process (its OpenSSL and Rust
+        extension would stay resident, ≈ 9 MB); the key is made in the helper and comes back
+        over its stdout pipe, never through a file.
+        """
+        helper = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "nodeproxy.certs"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            # run where this process's own nodeproxy package is: the helper then imports the
+            # same code whatever our working directory holds
+            cwd=_PACKAGE_ROOT,
         )
         try:
-            verifier.verify(leaf, parsed[1:])
-        except verification.VerificationError as e:
-            raise CertError(f"chain does not verify against the trust roots: {e}") from None
-        info = certs.CertInfo(
-            identity=identity,
-            serial=leaf.serial_number,
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-        )
-        return Certificate(identity, chain, certs.key_to_pem(key), self._roots_pem, info)
+            assert helper.stdin is not None and helper.stdout is not None
+            lines = _LineReader(helper.stdout)
+
+            async def ask(obj: object) -> dict[str, Any]:
+                await helper.stdin.send_all(json.dumps(obj).encode() + b"\n")
+                with trio.fail_after(HELPER_TIMEOUT):
+                    line = await lines.next()
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    answer = None
+                if not isinstance(answer, dict):
+                    raise _HelperFailed(f"certificate helper answered {line[:80]!r}")
+                if "error" in answer:
+                    raise CertError(str(answer["error"]))
+                return answer
+
+            try:
+                made = await ask({"identity": identity})
+                key_pem, csr = made["key"].encode(), made["csr"].encode()
+            except (CertError, _HelperFailed, KeyError, AttributeError, trio.TooSlowError,
+                    OSError, trio.BrokenResourceError) as e:
+                log.error("certificate helper failed for %s: %s", identity, e)
+                raise CertificateUnavailable(
+                    f"making a key for {identity} failed: {e or type(e).__name__}"
+                ) from e
+            chain = await self._sign(identity, csr)
+            if not isinstance(chain, list) or not chain:
+                raise self._unusable(identity, CertError("empty certificate chain"))
+            try:
+                checked = await ask(
+                    {
+                        "chain": [c.decode("ascii") for c in chain],
+                        "roots": self._roots_pem.decode("ascii"),
+                        "now": self._clock().isoformat(),
+                    }
+                )
+                info = certs.info_from_json(checked)
+            except (UnicodeDecodeError, AttributeError):
+                raise self._unusable(identity, CertError("chain is not PEM text")) from None
+            except CertError as e:
+                raise self._unusable(identity, e) from e
+            except (_HelperFailed, trio.TooSlowError, OSError, trio.BrokenResourceError) as e:
+                log.error("certificate helper failed for %s: %s", identity, e)
+                raise CertificateUnavailable(
+                    f"checking the certificate for {identity} failed: {e or type(e).__name__}"
+                ) from e
+            return Certificate(identity, chain, key_pem, self._roots_pem, info)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _reap(helper)
+
+
+async def _reap(helper: trio.Process) -> None:
+    """Close the helper's pipes (it exits on end of input) and wait for it; kill it if stuck."""
+    for pipe in (helper.stdin, helper.stdout):
+        if pipe is not None:
+            with trio.move_on_after(1):
+                await pipe.aclose()
+    with trio.move_on_after(5):
+        await helper.wait()
+        return
+    helper.kill()
+    await helper.wait()
+
+
+class _HelperFailed(Exception):
+    """The helper process died, hung or answered nonsense (not a verdict on a certificate)."""
+
+
+class _LineReader:
+    """Newline-terminated lines from a trio receive stream (the helper's stdout)."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    async def next(self) -> str:
+        while b"\n" not in self._buf:
+            if len(self._buf) > HELPER_MAX_LINE:
+                raise _HelperFailed("certificate helper answer too long")
+            data = await self._stream.receive_some()
+            if not data:
+                raise _HelperFailed("certificate helper exited without an answer")
+            self._buf += data
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return line.decode("utf-8", "replace")

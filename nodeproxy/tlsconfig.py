@@ -176,8 +176,9 @@ def peer_identities(stream: Any) -> list[str]:
     if not der:
         return []
     try:
-        return certs.spiffe_ids(certs.load_certificate(der))
-    except CertError as e:  # OpenSSL accepted it, cryptography did not: treat as no identity
+        # parsed with the stdlib: the node proxy must not load cryptography (~9 MB resident)
+        return certs.der_spiffe_ids(der)
+    except CertError as e:  # OpenSSL accepted it, our parser did not: treat as no identity
         log.warning("peer certificate unreadable: %s", e)
         return []
 

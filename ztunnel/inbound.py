@@ -150,25 +150,16 @@ async def _admit(
         "dst.identity": pod.identity,
     }
 
-    async def refuse(status: int, flags: str, error: str) -> None:
-        """Count, log, and answer: an HBONE status, or a reset for a plaintext caller."""
-        proxy.metrics.failed(labels, flags)
-        entry["error"] = error
-        log_connection(**entry, bytes_sent=0, bytes_recv=0, duration=0)
-        if hbone is not None:
-            await hbone.reject(status)
-        elif plain is not None:
-            await abort(plain)
-
     if not decision.allowed:
         log.info("inbound %s denied: %s", fmt_addr(dst_ip, dst_port), decision.reason)
-        await refuse(401, "DENY", f"policy rejection: {decision.reason}")
+        await _refuse(proxy, labels, entry, hbone, plain, 401, "DENY",
+                      f"policy rejection: {decision.reason}")
         return
     try:
         app = await _dial_app(pod, src_ip, dst_ip, dst_port)
     except OSError as exc:
         log.info("inbound %s: app unreachable: %s", fmt_addr(dst_ip, dst_port), exc)
-        await refuse(503, "UF", f"connect: {exc}")
+        await _refuse(proxy, labels, entry, hbone, plain, 503, "UF", f"connect: {exc}")
         return
     if hbone is not None:
         try:
@@ -182,15 +173,17 @@ async def _admit(
         client = plain
     counters = Counters()
     live = proxy.connections.add(entry, counters, policy_check=(workload, pod.namespace, conn))
+    scope = live.cancel_scope
+    assert scope is not None  # made for every connection with a policy check
     proxy.metrics.opened(labels)
     try:
-        with live.cancel_scope:
+        with scope:
             await relay(client, app, counters)
     except RelayError as exc:
         entry["error"] = str(exc)
     finally:
         proxy.connections.remove(live)
-        if live.cancel_scope.cancelled_caught:
+        if scope.cancelled_caught:
             entry["error"] = "closed: policy now denies"
         proxy.metrics.bytes(
             labels, received=counters.client_to_server, sent=counters.server_to_client
@@ -202,6 +195,30 @@ async def _admit(
             bytes_recv=counters.client_to_server,
             duration=round((time.monotonic() - started) * 1000),
         )
+
+
+async def _refuse(
+    proxy: NodeProxy,
+    labels: ConnectionLabels,
+    entry: dict,
+    hbone: HboneRequest | None,
+    plain: trio.SocketStream | None,
+    status: int,
+    flags: str,
+    error: str,
+) -> None:
+    """Count, log, and answer: an HBONE status, or a reset for a plaintext caller.
+
+    (A module function, not a closure in ``_admit``: a closure and its cells would live as
+    long as every admitted connection does.)
+    """
+    proxy.metrics.failed(labels, flags)
+    entry["error"] = error
+    log_connection(**entry, bytes_sent=0, bytes_recv=0, duration=0)
+    if hbone is not None:
+        await hbone.reject(status)
+    elif plain is not None:
+        await abort(plain)
 
 
 def admission(

@@ -38,7 +38,7 @@ def fmt_addr(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Where one outbound connection goes (decided without IO, see :func:`plan_outbound`)."""
 
@@ -149,22 +149,8 @@ async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketSt
     flags = "-"
     try:
         if plan.hbone:
-            assert plan.identity is not None
-            key = PoolKey(
-                pod.identity, frozenset({plan.identity}), (plan.address, HBONE_PORT), src_ip
-            )
-            forwarded = f'for="{fmt_addr(src_ip, src_port)}"'
-            if plan.service is not None:
-                forwarded += f";host={plan.service.hostname}"
-            headers = connect_headers(
-                plan.authority,
-                forwarded_for=forwarded,
-                baggage=f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name}",
-                traceparent=new_traceparent(),
-            )
-            proxy.remember_source(src_ip, pod)
             try:
-                upstream = await proxy.pool.open(key, plan.authority, headers)
+                upstream = await _open_hbone(proxy, pod, plan, src_ip, src_port)
             except Exception as exc:  # noqa: BLE001 - every failure is logged and fails closed
                 flags, error = "CONNECT", f"hbone: {exc}"
                 proxy.metrics.failed(labels, flags)
@@ -199,6 +185,29 @@ async def handle_outbound(proxy: NodeProxy, pod: PodProxy, client: trio.SocketSt
         if error:
             entry["error"] = error
         log_connection(**entry)
+
+
+async def _open_hbone(
+    proxy: NodeProxy, pod: PodProxy, plan: Plan, src_ip: str, src_port: int
+) -> trio.abc.HalfCloseableStream:
+    """Open the CONNECT stream of ``plan`` through the pool.
+
+    (Its own function so that the request headers and pool key are garbage once the stream
+    is open, not held by the handler's frame for as long as the connection lives.)
+    """
+    assert plan.identity is not None
+    key = PoolKey(pod.identity, frozenset({plan.identity}), (plan.address, HBONE_PORT), src_ip)
+    forwarded = f'for="{fmt_addr(src_ip, src_port)}"'
+    if plan.service is not None:
+        forwarded += f";host={plan.service.hostname}"
+    headers = connect_headers(
+        plan.authority,
+        forwarded_for=forwarded,
+        baggage=f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name}",
+        traceparent=new_traceparent(),
+    )
+    proxy.remember_source(src_ip, pod)
+    return await proxy.pool.open(key, plan.authority, headers)
 
 
 async def _dial_plain(pod: PodProxy, ip: str, port: int) -> trio.SocketStream:

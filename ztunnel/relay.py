@@ -24,7 +24,7 @@ CHUNK = 256 * 1024
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-@dataclass
+@dataclass(slots=True)
 class Counters:
     """Live byte counts of one proxied connection (read by the admin page and metrics)."""
 
@@ -109,6 +109,67 @@ async def abort(stream: trio.abc.AsyncResource) -> None:
             pass
 
 
+async def _pump(
+    src: trio.abc.HalfCloseableStream,
+    dst: trio.abc.HalfCloseableStream,
+    upstream: bool,
+    cancel: trio.CancelScope,
+    counters: Counters,
+    failure: list[BaseException],
+) -> None:
+    """One direction of :func:`relay` (a module function: no closure per connection)."""
+    # For a plain trio.SocketStream, the socket calls are made here directly: trio's stream
+    # adds a schedule point after every call that did not block (a task switch and an
+    # event-loop pass per read and per write). One schedule point per loop pass is kept:
+    # the wait for data, or an explicit checkpoint when there was no wait.
+    raw_src = _raw_socket(src)
+    raw_dst = _raw_socket(dst)
+    if raw_dst is not None and isinstance(src, HboneStream):
+        # HBONE -> TCP: the connection's reader sends straight to the socket while this
+        # task waits (no wake-up per delivery); bytes the socket does not take at once
+        # come through receive_some() as usual
+        src._sink = _socket_sink(raw_dst, counters, upstream)
+    try:
+        while True:
+            if raw_src is not None:
+                data, scheduled = await _recv(raw_src)
+            else:
+                data, scheduled = await src.receive_some(CHUNK), True
+            if not data:
+                try:
+                    if raw_dst is not None:
+                        dst.socket.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+                        if not scheduled:
+                            await trio.lowlevel.checkpoint()
+                    else:
+                        await dst.send_eof()
+                except _BROKEN:
+                    # the other side already closed (ENOTCONN/EPIPE): nothing left to
+                    # tell it; the other direction ends on its own
+                    pass
+                return
+            if raw_dst is not None:
+                if await _send(raw_dst, data):
+                    scheduled = True
+                if not scheduled:
+                    await trio.lowlevel.checkpoint()
+            else:
+                await dst.send_all(data)
+            if upstream:
+                counters.client_to_server += len(data)
+            else:
+                counters.server_to_client += len(data)
+            # drop the chunk before waiting again: an idle connection would otherwise keep
+            # its last read (e.g. a whole response) alive for as long as it stays open
+            del data
+    except _BROKEN as exc:
+        failure.append(exc)
+        cancel.cancel()
+    finally:
+        if raw_dst is not None and isinstance(src, HboneStream):
+            src._sink = None
+
+
 async def relay(
     client: trio.abc.HalfCloseableStream,
     server: trio.abc.HalfCloseableStream,
@@ -117,68 +178,13 @@ async def relay(
     """Copy both ways until both directions ended; raise RelayError after aborting on error."""
     counters = counters if counters is not None else Counters()
     failure: list[BaseException] = []
-
-    async def pump(
-        src: trio.abc.HalfCloseableStream,
-        dst: trio.abc.HalfCloseableStream,
-        upstream: bool,
-        cancel: trio.CancelScope,
-    ) -> None:
-        # For a plain trio.SocketStream, the socket calls are made here directly: trio's stream
-        # adds a schedule point after every call that did not block (a task switch and an
-        # event-loop pass per read and per write). One schedule point per loop pass is kept:
-        # the wait for data, or an explicit checkpoint when there was no wait.
-        raw_src = _raw_socket(src)
-        raw_dst = _raw_socket(dst)
-        if raw_dst is not None and isinstance(src, HboneStream):
-            # HBONE -> TCP: the connection's reader sends straight to the socket while this
-            # task waits (no wake-up per delivery); bytes the socket does not take at once
-            # come through receive_some() as usual
-            src._sink = _socket_sink(raw_dst, counters, upstream)
-        try:
-            while True:
-                if raw_src is not None:
-                    data, scheduled = await _recv(raw_src)
-                else:
-                    data, scheduled = await src.receive_some(CHUNK), True
-                if not data:
-                    try:
-                        if raw_dst is not None:
-                            dst.socket.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
-                            if not scheduled:
-                                await trio.lowlevel.checkpoint()
-                        else:
-                            await dst.send_eof()
-                    except _BROKEN:
-                        # the other side already closed (ENOTCONN/EPIPE): nothing left to
-                        # tell it; the other direction ends on its own
-                        pass
-                    return
-                if raw_dst is not None:
-                    if await _send(raw_dst, data):
-                        scheduled = True
-                    if not scheduled:
-                        await trio.lowlevel.checkpoint()
-                else:
-                    await dst.send_all(data)
-                if upstream:
-                    counters.client_to_server += len(data)
-                else:
-                    counters.server_to_client += len(data)
-        except _BROKEN as exc:
-            failure.append(exc)
-            cancel.cancel()
-        finally:
-            if raw_dst is not None and isinstance(src, HboneStream):
-                src._sink = None
-
     try:
         async with trio.open_nursery() as nursery:
             # one direction in this task: one task (and its memory) less per connection; the
             # nursery's own scope is the one a failing direction cancels (no second scope)
             scope = nursery.cancel_scope
-            nursery.start_soon(pump, server, client, False, scope)
-            await pump(client, server, True, scope)
+            nursery.start_soon(_pump, server, client, False, scope, counters, failure)
+            await _pump(client, server, True, scope, counters, failure)
     except BaseException:
         # cancelled from outside (policy now denies, pod removed, shutdown): reset both
         await abort(client)

@@ -79,7 +79,7 @@ class ConnectionLabels:
                 return wl.identity
             return UNKNOWN
 
-        return cls(
+        labels = cls(
             reporter=reporter or UNKNOWN,
             source_workload=_or_unknown(source and source.name),
             source_workload_namespace=_or_unknown(source and source.namespace),
@@ -97,6 +97,15 @@ class ConnectionLabels:
             request_protocol=request_protocol or UNKNOWN,
             connection_security_policy=MUTUAL_TLS if mtls else UNKNOWN,
         )
+        # One shared (immutable) object per distinct label set: every live connection holds
+        # its labels, and a fresh object with its own dict is ~1 KB per connection.
+        shared = _INTERNED.get(labels)
+        if shared is not None:
+            return shared
+        if len(_INTERNED) >= _CHILD_CACHE_MAX:
+            _INTERNED.clear()
+        _INTERNED[labels] = labels
+        return labels
 
     def values(self) -> tuple[str, ...]:
         # memoised: the labels of a connection are looked up at open, close and byte count
@@ -112,6 +121,7 @@ def _or_unknown(value: str | None) -> str:
 
 
 _CHILD_CACHE_MAX = 10_000
+_INTERNED: dict[ConnectionLabels, ConnectionLabels] = {}
 
 LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ConnectionLabels))
 REQUEST_LABEL_NAMES: tuple[str, ...] = (*LABEL_NAMES, "response_code")
