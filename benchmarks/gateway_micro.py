@@ -332,12 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     try:  # as the gateway process sets it up (older trees: the same format, by hand)
         from l7gateway.gateway import configure_logging
     except ImportError:
-        def configure_logging(level: int, handler: logging.Handler) -> None:
+        def configure_logging(level: int, handler: logging.Handler) -> None:  # type: ignore
             handler.setFormatter(logging.Formatter(
                 "%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.basicConfig(level=level, handlers=[handler])
-    configure_logging(logging.WARNING if args.no_access_log else logging.INFO,
-                      logging.FileHandler(os.devnull))
+    level = logging.WARNING if args.no_access_log else logging.INFO
+    devnull = open(os.devnull, "w")  # noqa: SIM115 - the process's log stream, to its end
+    try:  # the process's own handler (buffered), on /dev/null instead of stderr
+        configure_logging(level, stream=devnull)
+    except TypeError:  # older trees: a handler per line
+        configure_logging(level, logging.FileHandler(os.devnull))
     workdir = Path(tempfile.mkdtemp(prefix="gwmicro-"))
     workdir.chmod(0o755)  # nginx's worker runs as nobody
     nginx, port = start_nginx(workdir)

@@ -440,22 +440,25 @@ class Forwarder:
                 if len(self._dst_log) >= _CACHE_MAX:
                     self._dst_log.clear()
                 self._dst_log[key] = (ep, svc, dst)
-            rest: list[tuple[str, object]] = [
-                ("duration", round(ms)),
-                ("response_flags", info.flags),
-                ("error", info.error),
-                ("protocol", down.protocol),
-                ("method", req.method),
-                ("path", req.target),
-                ("status", info.code),
-                ("route", info.route),
-                ("attempts", info.attempts),
-            ]
+            # the per-request fields, as accesslog._value writes them: ints need no quoting
+            value = accesslog._value
+            words = [src, dst, f"duration={round(ms)}ms",
+                     f"response_flags={value('response_flags', info.flags)}"]
+            if info.error is not None:
+                words.append(f"error={value('error', info.error)}")
+            words += (f"protocol={value('protocol', down.protocol)}",
+                      f"method={value('method', req.method)}",
+                      f"path={value('path', req.target)}",
+                      f"status={info.code}")
+            if info.route is not None:
+                words.append(f"route={value('route', info.route)}")
+            words.append(f"attempts={info.attempts}")
             if info.extra:
-                rest += info.extra.items()
-            line = " ".join(p for p in (src, dst, _fields(rest)) if p)
+                words.append(_fields(info.extra.items()))
+            line = " ".join([w for w in words if w])
+            # the message joined here (no args): the same text, without a %-format per line
             record = logger.makeRecord(logger.name, logging.INFO, accesslog.__file__, 0,
-                                       "%s %s", (accesslog.MESSAGE, line), None)
+                                       f"{accesslog.MESSAGE} {line}", None, None)
             logger.handle(record)
         except Exception:  # noqa: BLE001 - the access log never breaks a request
             log.exception("access log entry dropped")
