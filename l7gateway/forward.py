@@ -20,7 +20,6 @@ import logging
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -171,7 +170,10 @@ def propagate_traceparent(value: str | None) -> str:
 
 
 def _request_id() -> str:
-    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+    """A random (version 4) UUID, formatted directly (uuid.UUID costs ~1 % of a request)."""
+    h = f"{_ids.getrandbits(124):031x}"
+    variant = "89ab"[int(h[15], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[12:15]}-{variant}{h[16:19]}-{h[19:31]}"
 
 
 def port_speaks_h2(port: ServicePort) -> bool:
