@@ -10,15 +10,18 @@ from elsewhere on the machine falls on all of them alike.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path as FsPath
+from typing import Any
 
 from benchmarks import lab as labmod
 from benchmarks.lab import BenchLab
@@ -46,13 +49,17 @@ class Mode:
     reps: int  # repetitions of each timed figure; the report gives their median
     idle_conns: tuple[int, ...]
     concurrency: int = 32
+    # the pod-memory figure: how many idle pods its node holds beyond its own, step by step
+    extra_pods: tuple[int, ...] = ()
 
 
 MODES = {
-    "smoke": Mode("smoke", seconds=1, reps=1, idle_conns=(20,)),
-    "quick": Mode("quick", seconds=3, reps=1, idle_conns=(100,)),
-    "full": Mode("full", seconds=5, reps=5, idle_conns=(1000, 10000)),
+    "smoke": Mode("smoke", seconds=1, reps=1, idle_conns=(20,), extra_pods=(2,)),
+    "quick": Mode("quick", seconds=3, reps=1, idle_conns=(100,), extra_pods=(20,)),
+    "full": Mode("full", seconds=5, reps=5, idle_conns=(1000, 10000), extra_pods=(20, 100)),
 }
+# parallel iperf3 streams of the throughput figures: CPU per byte as connections grow
+STREAMS = (1, 8, 32)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class Path:
     # descriptors one held connection costs the busiest proxy process of the path
     fds_per_conn: int = 1
     h2_port: int | None = None  # where the path takes HTTP/2 prior knowledge, if it does
+    # the client pod's node proxy enrolls the pods of this (ambient) namespace: the
+    # pod-memory figure adds idle pods there; None: the path has no node proxy to weigh
+    pods_namespace: str | None = None
 
     @property
     def url(self) -> str:
@@ -186,6 +196,9 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     M("tput_1", "bulk throughput, 1 stream", "Gbit/s", "higher"),
     M("tput_1_cpu", "proxy CPU per GB, 1 stream", "CPU s/GB", "lower"),
     M("tput_8", "bulk throughput, 8 streams", "Gbit/s", "higher"),
+    M("tput_8_cpu", "proxy CPU per GB, 8 streams", "CPU s/GB", "lower"),
+    M("tput_32", "bulk throughput, 32 streams", "Gbit/s", "higher"),
+    M("tput_32_cpu", "proxy CPU per GB, 32 streams", "CPU s/GB", "lower"),
     M("lat_p50", "latency p50, 1 connection", "ms", "lower"),
     M("lat_p99", "latency p99, 1 connection", "ms", "lower"),
     M("lat_added_p50", "added p50 latency over direct", "ms", "lower"),
@@ -232,9 +245,8 @@ def fig_throughput(streams: int) -> Callable[[BenchLab, Path, Mode, Samples], No
         except ToolOutputError as e:
             raise FigureError(f"{path.name}: {e}") from e
         s.add(f"tput_{streams}", path.name, res.bits_per_second / 1e9)
-        if streams == 1:
-            gb = res.bytes / 1e9
-            s.add("tput_1_cpu", path.name, cpu / gb if cpu is not None and gb else None)
+        gb = res.bytes / 1e9
+        s.add(f"tput_{streams}_cpu", path.name, cpu / gb if cpu is not None and gb else None)
     return run
 
 
@@ -329,6 +341,184 @@ def fig_gateway_memory(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> Non
         s.add(f"kb_per_conn_gw_{n}", path.name, grown * 1024 / n if grown is not None else None)
 
 
+# -- memory by enrolled pods ------------------------------------------------------------------
+
+IDLE_POD = "idle-"  # name prefix of the pod-memory figure's pods (service account "idle")
+
+
+def pod_metrics(mode: Mode) -> list[Metric]:
+    out = [Metric("pods_rss_0", "node proxy RSS just restarted, its node's own pods only",
+                  "MB", "lower")]
+    have = 0
+    for n in mode.extra_pods:
+        out += [
+            Metric(f"pods_rss_{n}", f"node proxy RSS with {n} more idle enrolled pods", "MB",
+                   "lower"),
+            Metric(f"pods_kb_{n}", f"node proxy KB per enrolled pod at +{n}", "KB", "lower"),
+            Metric(f"pods_cpu_{n}", f"node proxy CPU per pod enrolled, pods +{have + 1}…+{n}",
+                   "ms", "lower"),
+        ]
+        have = n
+    return out
+
+
+def idle_pods_yaml(namespace: str, node: str, first: int, last: int) -> str:
+    """Pods `idle-<first>` … `idle-<last - 1>` that only sleep (JSON documents are YAML)."""
+    docs = [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": f"{IDLE_POD}{i}", "namespace": namespace,
+                          "labels": {"app": "idle"}},
+             "spec": {"nodeName": node, "serviceAccountName": "idle",
+                      "containers": [{"name": "idle", "command": ["sleep", "infinity"]}]}}
+            for i in range(first, last)]
+    return "---\n".join(json.dumps(d) + "\n" for d in docs)
+
+
+def _node_admin(lab: BenchLab, node: str, path: str) -> Any:
+    """The node proxy's admin answer (JSON) from inside its node netns; None if no answer."""
+    netns = next((n["netns"] for n in lab.status.get("nodes", []) if n["name"] == node), None)
+    if netns is None:
+        raise FigureError(f"no node {node} in lab status")
+    try:
+        p = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "-f", "-m", "5",
+                            f"http://127.0.0.1:15000{path}"],
+                           capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return None
+    if p.returncode != 0:
+        return None
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        log.warning("node proxy of %s: %s is not JSON: %r", node, path, p.stdout[:200])
+        return None
+
+
+def _settled(lab: BenchLab, node: str, pid: int, want: set[str]) -> bool:
+    """The node proxy lists exactly the pods `want` (namespace/name), holds a certificate for
+    each of their identities, and no certificate helper process runs under it."""
+    pods = _node_admin(lab, node, "/pods")
+    certs = _node_admin(lab, node, "/certificates")
+    if not isinstance(pods, list) or not isinstance(certs, list):
+        return False
+    have = {f"{p.get('namespace')}/{p.get('name')}" for p in pods if isinstance(p, dict)}
+    if have != want:
+        return False
+    valid = {c.get("identity") for c in certs
+             if isinstance(c, dict) and c.get("state") == "valid" and not c.get("fetching")}
+    if not {p.get("identity") for p in pods if isinstance(p, dict)} <= valid:
+        return False
+    return not any(_is_cert_helper(p) for p in labmod.process_tree(pid) if p != pid)
+
+
+def _is_cert_helper(pid: int) -> bool:
+    try:
+        return b"nodeproxy.certs" in FsPath(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _wait_settled(lab: BenchLab, node: str, pid: int, want: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _settled(lab, node, pid, want):
+        if time.monotonic() > deadline:
+            got = _node_admin(lab, node, "/pods")
+            n = len(got) if isinstance(got, list) else "no answer"
+            raise FigureError(f"the node proxy of {node} did not settle on {len(want)} pods "
+                              f"in {timeout:g}s (it lists {n})")
+        time.sleep(0.3)
+    time.sleep(0.3)  # let the proxy finish what it does after enrolling (trim, logs)
+
+
+def _meshed_pods(lab: BenchLab, node: str) -> set[str]:
+    return {f"{p['namespace']}/{p['name']}" for p in lab.status.get("pods", [])
+            if p.get("node") == node and p.get("meshed") and p.get("state") == "running"}
+
+
+def _delete_idle_pods(lab: BenchLab, namespace: str) -> list[str]:
+    """Delete every pod of the figure still in the lab; the errors, if any."""
+    lab.refresh()
+    refs = [ref for ref, p in lab.pods.items()
+            if p.namespace == namespace and p.name.startswith(IDLE_POD)]
+
+    def delete(ref: str) -> str | None:
+        # not lab.cli(): its preexec_fn is unsafe in threads, and deleting needs no rlimit
+        try:
+            proc = subprocess.run([sys.executable, "-m", "nodeproxy.cli", "lab", "delete", "pod",
+                                   ref], env=lab.env, cwd=labmod.ROOT, capture_output=True,
+                                  text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return f"{ref}: lab delete timed out"
+        return None if proc.returncode == 0 else f"{ref}: {proc.stderr.strip()[-200:]}"
+
+    # the lab deletes one pod at a time; a few CLI calls in flight hide their start-up time
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        errors = [e for e in pool.map(delete, refs) if e]
+    lab.refresh()
+    return errors
+
+
+def fig_pod_memory(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    """RSS of the client pod's node proxy as idle pods are enrolled on its node.
+
+    The node proxy is restarted first: a heap that earlier figures grew (and freed) would
+    absorb the pods' memory and hide it. The pods are deleted again afterwards.
+    """
+    ns = path.pods_namespace
+    if ns is None or not mode.extra_pods:
+        return  # no node proxy on this path
+    try:
+        _grow_pods(lab, path, ns, mode.extra_pods, s)
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the harness takes the whole lab down, pods included
+    except BaseException:
+        try:
+            _pods_cleanup(lab, path, ns)
+        except (FigureError, OSError, subprocess.SubprocessError, labmod.BenchLabError) as e:
+            log.error("after the failed pod-memory figure: %s", e)
+        raise
+    _pods_cleanup(lab, path, ns)
+
+
+def _grow_pods(lab: BenchLab, path: Path, ns: str, steps: tuple[int, ...], s: Samples
+               ) -> None:
+    node = lab.pod(path.client_pod).node
+    lab.cli("restart", f"ztunnel-{node}")
+    lab.refresh()
+    pid = lab.node_proxy_pid(node)
+    own = _meshed_pods(lab, node)
+    _wait_settled(lab, node, pid, own, timeout=60)
+    base = _rss_mb([pid])
+    s.add("pods_rss_0", path.name, base)
+    have = 0
+    for n in steps:
+        file = lab.workdir / f"idle-pods-{n}.yaml"
+        file.write_text(idle_pods_yaml(ns, node, have, n))
+        cpu_before = labmod.cpu_seconds([pid])
+        try:
+            lab.cli("apply", str(file), timeout=120 + 5 * (n - have))
+        finally:
+            file.unlink(missing_ok=True)
+        _wait_settled(lab, node, pid, own | {f"{ns}/{IDLE_POD}{i}" for i in range(n)},
+                      timeout=60 + n)
+        # enrolling: the pod's listeners, its certificate (a helper process), state deltas
+        cpu = labmod.cpu_seconds([pid]) - cpu_before
+        rss = _rss_mb([pid])
+        s.add(f"pods_rss_{n}", path.name, rss)
+        s.add(f"pods_kb_{n}", path.name,
+              (rss - base) * 1024 / n if rss is not None and base is not None else None)
+        s.add(f"pods_cpu_{n}", path.name, cpu * 1000 / (n - have))
+        have = n
+
+
+def _pods_cleanup(lab: BenchLab, path: Path, ns: str) -> None:
+    """Delete the figure's pods; the next figures need the mesh path working again through
+    the restarted proxy."""
+    errors = _delete_idle_pods(lab, ns)
+    lab.wait_http(path.client_pod, path.url, timeout=60)
+    if errors:
+        raise FigureError("idle pods not deleted: " + "; ".join(errors))
+
+
 def _nofile_limit() -> int:
     return labmod.nofile_limit()
 
@@ -379,8 +569,9 @@ class Figure:
 FIGURES: dict[str, Figure] = {f.name: f for f in [
     # memory first: "idle" means before any load has grown the heaps
     Figure("memory", fig_memory, repeat=False),
-    Figure("throughput-1", fig_throughput(1)),
-    Figure("throughput-8", fig_throughput(8)),
+    # after "memory" (its idle figure must not see the pods' heap); restarts the node proxy
+    Figure("pod-memory", fig_pod_memory, repeat=False),
+    *[Figure(f"throughput-{n}", fig_throughput(n)) for n in STREAMS],
     Figure("latency", fig_latency),
     Figure("rps", fig_rps),
     Figure("conn-rate", fig_conn_rate),
@@ -415,7 +606,7 @@ def l4_paths(lab: BenchLab) -> list[Path]:
 
     return [
         Path("mesh", "nodeproxy (HBONE, mTLS)", "mesh/client", mesh_srv.ip, labmod.NGINX_PORT,
-             mesh_srv.ip, labmod.IPERF_PORT, mesh_proxies),
+             mesh_srv.ip, labmod.IPERF_PORT, mesh_proxies, pods_namespace="mesh"),
         Path("direct", "direct (no mesh)", "plain/client", plain_srv.ip, labmod.NGINX_PORT,
              plain_srv.ip, labmod.IPERF_PORT),
         Path("stunnel", "stunnel pair (C, mTLS)", "plain/client", "127.0.0.1",
@@ -487,7 +678,8 @@ L7_ROWS: dict[str, tuple[str, ...]] = {
 
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("l4-cross-node", "L4 cross-node, meshed pod -> meshed pod",
-         ("memory", "throughput-1", "throughput-8", "latency", "rps", "conn-rate"),
+         ("memory", "pod-memory", *[f"throughput-{n}" for n in STREAMS], "latency", "rps",
+          "conn-rate"),
          lambda: None, l4_paths),
     Case("l7-gateway", "L7 through a namespace gateway",
          ("gateway-memory", "latency", "rps", "h2-rps", "conn-rate"), l7_unavailable, l7_paths,
@@ -499,8 +691,8 @@ def metrics_for(case: Case, mode: Mode) -> list[Metric]:
     """The rows of a case's table, in order."""
     keys: dict[str, tuple[str, ...]] = {
         "memory": ("rss_idle_src", "rss_idle_dst"),
-        "throughput-1": ("tput_1", "tput_1_cpu"),
-        "throughput-8": ("tput_8",),
+        **{f"throughput-{n}": (f"tput_{n}", f"tput_{n}_cpu") for n in STREAMS},
+        "pod-memory": (),
         "latency": ("lat_p50", "lat_p99", "lat_added_p50"),
         "rps": ("rps", "rps_cpu"),
         "conn-rate": ("cps", "cps_cpu"),
@@ -517,6 +709,8 @@ def metrics_for(case: Case, mode: Mode) -> list[Metric]:
         if f == "gateway-memory":
             for n in mode.idle_conns:
                 out += gw_conn_metrics(n)
+        if f == "pod-memory":
+            out += pod_metrics(mode)
     return out
 
 

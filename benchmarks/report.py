@@ -6,7 +6,9 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,166 @@ def goals_section(case: dict[str, Any]) -> list[str]:
     return lines
 
 
+# -- growth series: how memory and CPU per byte grow with connections, streams and pods -------
+
+Value = float | None
+
+
+def _metric_values(case: dict[str, Any]) -> dict[str, dict[str, Value]]:
+    return {m["key"]: m["values"] for m in case.get("metrics", [])}
+
+
+def _points(keys: list[str], pattern: str) -> list[int]:
+    """The numbers N of the keys that match `pattern` (one group: N), in order."""
+    found = {int(m.group(1)) for k in keys if (m := re.fullmatch(pattern, k))}
+    return sorted(found)
+
+
+def _sum(*values: Value) -> Value:
+    """The sum when every part was measured, else None (half a figure would mislead)."""
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+Column = tuple[str, str, Callable[[int], Value]]  # title, unit, value at a point
+
+
+def _series(key: str, title: str, x_title: str, points: list[tuple[int, str]],
+            columns: list[Column]) -> dict[str, Any] | None:
+    """A growth table: one row per point, one column per figure; columns that have no value
+    at any point are left out, and a series with fewer than two rows is not one."""
+    kept = [(t, u, [f(x) for x, _ in points]) for t, u, f in columns]
+    kept = [c for c in kept if any(v is not None for v in c[2])]
+    if len(points) < 2 or not kept:
+        return None
+    return {
+        "key": key, "title": title, "x": x_title,
+        "columns": [{"title": t, "unit": u} for t, u, _ in kept],
+        "rows": [{"x": x, "label": label, "values": [c[2][i] for c in kept]}
+                 for i, (x, label) in enumerate(points)],
+    }
+
+
+def _with_ratios(columns: list[Column], subject: str, baselines: list[str], what: str,
+                 fn: Callable[[str, int], Value]) -> list[Column]:
+    """`columns` plus the subject's figure divided by each baseline's."""
+    out = list(columns)
+    for b in baselines:
+        out.append((f"{subject}/{b} {what}", "×",
+                    lambda x, b=b: ratio_of(fn(subject, x), fn(b, x))))
+    return out
+
+
+def ratio_of(a: Value, b: Value) -> Value:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def growth(case: dict[str, Any]) -> list[dict[str, Any]]:
+    """The case's growth series, from its metric rows (so older results.json work too)."""
+    if case.get("status") != "ok":
+        return []
+    vals = _metric_values(case)
+    keys = list(vals)
+    paths = [p["name"] for p in case.get("paths", [])]
+    subject, baselines = (paths[0], paths[1:]) if paths else ("mesh", [])
+
+    def v(key: str, path: str) -> Value:
+        return vals.get(key, {}).get(path)
+
+    out: list[dict[str, Any] | None] = []
+
+    # memory by idle connections: the two node proxies (or stunnel processes)
+    conns = _points(keys, r"rss_(\d+)_src")
+    if conns:
+        weighed = [p for p in paths if v("rss_idle_src", p) is not None
+                   or any(v(f"rss_{n}_src", p) is not None for n in conns)]
+
+        def mb(path: str, n: int) -> Value:
+            if n == 0:
+                return _sum(v("rss_idle_src", path), v("rss_idle_dst", path))
+            return _sum(v(f"rss_{n}_src", path), v(f"rss_{n}_dst", path))
+
+        def kb(path: str, n: int) -> Value:
+            return v(f"kb_per_conn_{n}", path) if n else None
+
+        cols: list[Column] = []
+        for p in weighed:
+            cols += [(f"{p} RSS, both sides", "MB", lambda n, p=p: mb(p, n)),
+                     (f"{p} per connection, both sides", "KB", lambda n, p=p: kb(p, n))]
+        if subject in weighed:
+            cols = _with_ratios(cols, subject, [b for b in baselines if b in weighed],
+                                "per connection", kb)
+        out.append(_series("memory_by_connections",
+                           "Proxy memory by idle connections held (client + server side)",
+                           "idle connections",
+                           [(0, "0 (idle)")] + [(n, f"{n:,}") for n in conns], cols))
+
+    # memory by idle connections through the proxy in the middle (L7)
+    gw_conns = _points(keys, r"rss_gw_(\d+)")
+    if gw_conns:
+        weighed = [p for p in paths if v("rss_gw_idle", p) is not None
+                   or any(v(f"rss_gw_{n}", p) is not None for n in gw_conns)]
+
+        def gw_mb(path: str, n: int) -> Value:
+            return v("rss_gw_idle" if n == 0 else f"rss_gw_{n}", path)
+
+        def gw_kb(path: str, n: int) -> Value:
+            return v(f"kb_per_conn_gw_{n}", path) if n else None
+
+        cols = []
+        for p in weighed:
+            cols += [(f"{p} RSS", "MB", lambda n, p=p: gw_mb(p, n)),
+                     (f"{p} per connection", "KB", lambda n, p=p: gw_kb(p, n))]
+        if subject in weighed:
+            cols = _with_ratios(cols, subject, [b for b in baselines if b in weighed],
+                                "per connection", gw_kb)
+        out.append(_series("gateway_memory_by_connections",
+                           "Gateway / haproxy memory by idle connections held",
+                           "idle connections",
+                           [(0, "0 (idle)")] + [(n, f"{n:,}") for n in gw_conns], cols))
+
+    # CPU per byte by parallel streams
+    streams = _points(keys, r"tput_(\d+)")
+    if streams:
+        def cpu(path: str, n: int) -> Value:
+            return v(f"tput_{n}_cpu", path)
+
+        cols = []
+        for p in paths:
+            cols += [(f"{p} throughput", "Gbit/s", lambda n, p=p: v(f"tput_{n}", p)),
+                     (f"{p} proxy CPU per GB", "CPU s/GB", lambda n, p=p: cpu(p, n))]
+        with_cpu = [b for b in baselines if any(cpu(b, n) is not None for n in streams)]
+        cols = _with_ratios(cols, subject, with_cpu, "CPU per GB", cpu)
+        out.append(_series("cpu_by_streams", "Proxy CPU per GB by parallel streams (iperf3)",
+                           "streams", [(n, f"{n:,}") for n in streams], cols))
+
+    # node proxy memory by enrolled pods (the subject only: baselines have no node proxy)
+    pods = _points(keys, r"pods_rss_(\d+)")
+    if pods and pods[0] == 0:
+        cols = [("RSS", "MB", lambda n: v(f"pods_rss_{n}", subject)),
+                ("per enrolled pod", "KB", lambda n: v(f"pods_kb_{n}", subject) if n else None),
+                ("CPU per pod enrolled", "ms",
+                 lambda n: v(f"pods_cpu_{n}", subject) if n else None)]
+        out.append(_series("memory_by_pods",
+                           f"{subject} node proxy memory by idle pods enrolled on its node "
+                           "(restarted first; the node's own pods at 0)",
+                           "pods added", [(n, f"+{n:,}" if n else "0") for n in pods], cols))
+    return [s for s in out if s is not None]
+
+
+def growth_section(series: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for s in series:
+        head = [s["x"], *[f"{c['title']} ({c['unit']})" for c in s["columns"]]]
+        lines += ["", f"{s['title']}:", "", "| " + " | ".join(head) + " |",
+                  "|" + "|".join(["---:"] * len(head)) + "|"]
+        for row in s["rows"]:
+            cells = [row["label"]]
+            for c, value in zip(s["columns"], row["values"], strict=True):
+                cells.append(fmt_ratio(value) if c["unit"] == "×" else fmt_value(value))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     mc = results["machine"]
     out = [
@@ -217,6 +379,7 @@ def markdown(results: dict[str, Any]) -> str:
         out += case_table(case)
         if case["name"] in GOALS:
             out += goals_section(case)
+        out += growth_section(growth(case))
         if case.get("notes"):
             out += ["", "Notes:", ""]
             out += [f"- {n}" for n in case["notes"]]
@@ -237,5 +400,8 @@ def write(results: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         if KEEP_MARKER in old:
             kept = old.split(KEEP_MARKER, 1)[1]
     md_path.write_text(markdown(results) + "\n" + KEEP_MARKER + (kept or "\n"))
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    # the growth series beside the rows they are drawn from
+    out = {**results, "cases": [{**c, "growth": growth(c)} if c.get("status") == "ok" else c
+                                for c in results.get("cases", [])]}
+    json_path.write_text(json.dumps(out, indent=2) + "\n")
     return md_path, json_path

@@ -1,13 +1,16 @@
 """`python -m benchmarks.run --smoke` runs end to end in its own lab and writes its report.
 
 No timing is asserted: the figures only have to be there and be numbers (since the L7 gateway
-exists, the `l7-gateway` case runs too: through the gateway, direct, and through haproxy).
+exists, the `l7-gateway` case runs too: through the gateway, direct, and through haproxy), with
+the growth tables drawn from them (memory by connections and by enrolled pods, CPU per byte by
+streams).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,14 +31,16 @@ def _down(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-PROXY_METRICS = ("rss_", "kb_per_conn", "tput_1_cpu", "rps_cpu", "cps_cpu", "h2_cpu")
+PROXY_METRICS = ("rss_", "kb_per_conn", "rps_cpu", "cps_cpu", "h2_cpu")
 
 
 def _no_such_proxy(key: str, path: str) -> bool:
-    """Rows that weigh a proxy the path does not have: none on the direct path, and haproxy
-    has no node proxies."""
+    """Rows that weigh a proxy the path does not have: none on the direct path, haproxy has
+    no node proxies, and only the mesh path has a node proxy that enrolls pods."""
+    if key.startswith("pods_"):
+        return path != "mesh"
     if path == "direct":
-        return key.startswith(PROXY_METRICS)
+        return key.startswith(PROXY_METRICS) or re.fullmatch(r"tput_\d+_cpu", key) is not None
     return path == "haproxy" and key == "rps_cpu_np"
 
 
@@ -82,4 +87,24 @@ def test_bench_smoke_writes_every_case_with_numbers(tmp_path: Path):
                     assert isinstance(value, int | float), (metric["key"], path, value)
             for name_, r in metric["ratios"].items():
                 assert r is None or isinstance(r, int | float), name_
+    _check_growth(by_name, text)
     assert proc.returncode == 0, detail
+
+
+def _check_growth(by_name: dict[str, dict], text: str) -> None:
+    """Every growth table is in the JSON and the Markdown, each row with a measured figure."""
+    expected = {"l4-cross-node": {"memory_by_connections", "cpu_by_streams", "memory_by_pods"},
+                "l7-gateway": {"gateway_memory_by_connections"}}
+    for name, keys in expected.items():
+        growth = {g["key"]: g for g in by_name[name]["growth"]}
+        assert set(growth) == keys, (name, list(growth))
+        for g in growth.values():
+            assert f"{g['title']}:" in text
+            assert len(g["rows"]) >= 2, g
+            for row in g["rows"]:
+                assert any(isinstance(v, int | float) for v in row["values"]), (g["key"], row)
+    streams = by_name["l4-cross-node"]["growth"]
+    by_streams = next(g for g in streams if g["key"] == "cpu_by_streams")
+    assert [r["x"] for r in by_streams["rows"]] == [1, 8, 32]
+    pods = next(g for g in streams if g["key"] == "memory_by_pods")
+    assert [r["x"] for r in pods["rows"]] == [0, *cases.MODES["smoke"].extra_pods]
