@@ -1,9 +1,10 @@
 """The trio driver of one HBONE HTTP/2 connection, and its streams.
 
 One reader task feeds :class:`~ztunnel.hbone.protocol.HboneH2`; one writer task is the only one
-that calls ``send_all`` on the transport. Every other task changes h2 state synchronously and then
-waits (``_flush``) until the writer has written what was queued so far: that wait, and h2's flow
-control windows, are the back-pressure. Received DATA is acknowledged to the peer only when the
+that calls ``send_all`` on the transport. Every other task changes HTTP/2 state synchronously and
+then waits (``_flush``) until the writer has written what was queued so far, unless the writer was
+idle (one chunk per connection may be queued unwaited): that wait, and HTTP/2's flow control
+windows, are the back-pressure. Received DATA is acknowledged to the peer only when the
 consumer takes it from :meth:`HboneStream.receive_some` (or, for the relay, when its sink took it).
 Over an established ``trio.SSLStream`` both tasks bypass the SSLStream (see :class:`_DirectTls`).
 """
@@ -15,17 +16,19 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 
-import h2.exceptions
 import trio
-from h2.errors import ErrorCodes
 
 from . import protocol as p
+from .frames import ErrorCode as ErrorCodes
+from .frames import H2Error
 from .protocol import HboneError
 
 log = logging.getLogger(__name__)
 
 RECEIVE_CHUNK = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
+# send_all() of at most this much does not wait for an idle writer (see HboneStream.send_all)
+UNWAITED_WRITE_MAX = 64 * 1024
 
 
 TRANSPORT_READ = 256 * 1024
@@ -449,16 +452,32 @@ class HboneStream(trio.abc.HalfCloseableStream):
             if not view:
                 await trio.lowlevel.checkpoint()
                 return
+            # Cancellation is checked before anything is queued: once queued, it is sent.
+            await trio.lowlevel.checkpoint_if_cancelled()
             while off < len(view):
                 self._check_send()
+                # the writer has nothing to do, and this is a small write
+                idle = conn._written_seq == conn._pending_seq and len(view) <= UNWAITED_WRITE_MAX
                 try:
                     n = conn._proto.send_data(self.stream_id, view[off:])
-                except h2.exceptions.ProtocolError as e:
+                except H2Error as e:
                     raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
                 if n == 0:
                     await conn._window_lot.park()  # WINDOW_UPDATE / SETTINGS wake us
                     continue
                 off += n
+                if idle and off == len(view):
+                    # The writer was idle: it takes this at its next step, and we need not
+                    # wait for it (a task switch less per write). Back-pressure is kept:
+                    # the next send_all() finds the writer busy and waits, so one small
+                    # chunk at most is queued unwaited per connection, and a sender in a
+                    # tight loop still yields every second call. (Large writes wait: two
+                    # 256 KiB relay chunks in one batch made the writer's buffers big enough
+                    # to be mmap'ed afresh, and their page faults cost more than the switch.)
+                    # A failed write kills the connection; the stream's next operation
+                    # reports it.
+                    conn._kick()
+                    break
                 await conn._flush()
             conn.last_used = trio.current_time()
         finally:
@@ -485,7 +504,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._send_eof = True
             try:
                 self.connection._proto.end_stream(self.stream_id)
-            except h2.exceptions.ProtocolError as e:
+            except H2Error as e:
                 raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
             if self.finished:
                 self.connection._forget(self)
@@ -505,9 +524,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._wake()
             self.connection._window_lot.unpark_all()
             self.connection._kick()
-            await trio.lowlevel.checkpoint()
-        else:  # already closed (the relay closes, then the handler's cleanup): no switch
-            await trio.lowlevel.checkpoint_if_cancelled()
+        # No schedule point: closing is synchronous, and a close is never called in a loop
+        # that could starve other tasks (a task switch less per stream).
+        await trio.lowlevel.checkpoint_if_cancelled()
 
 
 class HboneConnection:
@@ -815,7 +834,7 @@ class HboneConnection:
             raise HboneError("HBONE connection has no free stream")
         try:
             sid = self._proto.open_request(authority, list(headers))
-        except (h2.exceptions.ProtocolError, ValueError, UnicodeError) as e:
+        except (H2Error, ValueError, UnicodeError) as e:
             raise HboneError(f"cannot send CONNECT {authority!r}: {e}") from e
         stream = HboneStream(self, sid, authority=authority, peer_identity=self.peer_identity)
         self._streams[sid] = stream
@@ -844,7 +863,7 @@ class HboneConnection:
         end = status != 200
         try:
             self._proto.respond(stream.stream_id, status, end_stream=end)
-        except h2.exceptions.ProtocolError as e:
+        except H2Error as e:
             raise trio.BrokenResourceError(f"cannot answer HBONE request: {e}") from e
         if end:
             stream._send_eof = True

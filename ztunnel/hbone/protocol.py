@@ -2,32 +2,41 @@
 
 HBONE is one classic HTTP/2 ``CONNECT`` stream per application TCP connection, inside a TLS 1.3
 connection to ``podIP:15008``. This module holds everything about it that needs no IO:
-:class:`HboneH2` wraps an :class:`h2.connection.H2Connection`, applies the HBONE settings, turns
-h2 events into the few per-stream events the trio driver (``connection.py``) acts on, answers
-malformed requests itself, and keeps header-size limits per stream instead of per connection.
+:class:`HboneH2` drives our own HTTP/2 engine (``frames.py``; the ``h2`` library cost ≈ 250 µs
+per stream per end), applies the HBONE settings, turns header blocks into the few per-stream
+events the trio driver (``connection.py``) acts on, answers malformed requests itself, and keeps
+header-size limits per stream instead of per connection.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import random
 import re
 import secrets
-import struct
 from dataclasses import dataclass, field
 
 import h2
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.frame_buffer
-import h2.settings
 import hpack
+import hpack.table
 import hyperframe
 import hyperframe.frame
-from h2.errors import ErrorCodes
+
+from .frames import (
+    DataReceived,
+    EndOfStream,
+    ErrorCode,
+    GoAway,
+    H2ConnectionError,
+    H2Engine,
+    HeadersReceived,
+    PingAcked,
+    Setting,
+    StreamReset,
+    WindowChanged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +86,8 @@ DATA_REPR_WORKAROUND = install_data_repr_workaround()
 
 
 class _CappedDecoder(hpack.Decoder):
-    """HPACK decoder whose size cap ignores SETTINGS: h2 would turn an oversize block into a
-    connection error, killing every stream; we check the advertised limit per stream."""
+    """HPACK decoder with a hard size cap above the advertised limit: a block beyond the cap
+    is a connection error, one between the limit and the cap is refused per stream (431)."""
 
     @property  # type: ignore[override]
     def max_header_list_size(self) -> int:
@@ -87,6 +96,22 @@ class _CappedDecoder(hpack.Decoder):
     @max_header_list_size.setter
     def max_header_list_size(self, value: int) -> None:
         pass
+
+    def decode(self, data: bytes, raw: bool = False):  # type: ignore[no-untyped-def]
+        # A block that is one indexed field of the static table (":status: 200", every HBONE
+        # answer) changes no state: looked up directly instead of hpack's generic path.
+        if raw and len(data) == 1:
+            field = _STATIC_INDEXED.get(data[0])
+            if field is not None:
+                return [field]
+        return super().decode(data, raw=raw)
+
+
+# indexed field representation (0x80 | index) → the static table entry (RFC 7541 Appendix A)
+_STATIC_INDEXED = {
+    0x80 | index: entry
+    for index, entry in enumerate(hpack.table.HeaderTable.STATIC_TABLE, start=1)
+}
 
 
 class _PlainEncoder(hpack.Encoder):
@@ -97,7 +122,21 @@ class _PlainEncoder(hpack.Encoder):
     wire are cheaper than the CPU. Any HPACK decoder accepts both forms (RFC 7541 §5.2)."""
 
     def encode(self, headers, huffman: bool = False) -> bytes:  # type: ignore[override]
+        # A lone ":status" of the static table (every HBONE answer) is one byte; hpack's
+        # generic path costs ~10 µs for it. A pending table size update must go first.
+        if type(headers) is list and len(headers) == 1 and not self.header_table.resized:
+            indexed = _STATIC_STATUS.get(headers[0])
+            if indexed is not None:
+                return indexed
         return super().encode(headers, huffman=False)
+
+
+# RFC 7541 Appendix A: the static table's :status entries, as indexed fields (0x80 | index)
+_STATIC_STATUS = {
+    (b":status", status.encode()): bytes([0x80 | index])
+    for index, status in zip(range(8, 15), ("200", "204", "206", "304", "400", "404", "500"),
+                             strict=True)
+}
 
 
 # Header values that differ on every request: indexing them would only churn the HPACK
@@ -118,113 +157,6 @@ def _check_header(name: str, value: str) -> None:
         raise ValueError(f"invalid value for header {name!r}")
     if bare in ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"):
         raise ValueError(f"connection-specific header {name!r}")
-
-
-_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length, type, flags, stream id
-_END_STREAM = 0x1
-_PADDED = 0x8
-
-
-class _FrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer with a fast path for whole, unpadded DATA frames on a stream: the
-    payload is copied once out of the buffer (h2 copies it twice and parses the 9-byte
-    header again on every partial read). Everything else goes through h2's own parser."""
-
-    def __next__(self) -> hyperframe.frame.Frame:
-        buf = self._data
-        if len(buf) >= 9 and buf[3] == 0 and not buf[4] & _PADDED and not self._headers_buffer:
-            length = int.from_bytes(buf[0:3], "big")
-            stream_id = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            if stream_id and length <= self.max_frame_size:
-                if len(buf) < 9 + length:
-                    raise StopIteration
-                frame = hyperframe.frame.DataFrame(stream_id)
-                frame.parse_flags(buf[4])
-                with memoryview(buf) as view, view[9 : 9 + length] as body:
-                    frame.data = body.tobytes()
-                frame.body_len = length
-                del buf[: 9 + length]
-                return frame
-        return super().__next__()
-
-
-class _HboneH2Connection(h2.connection.H2Connection):
-    """h2 treats every GOAWAY as the end of the connection: it drops queued output and refuses
-    any further frame, so in-flight streams cannot finish. A drain needs the RFC 9113 §6.8
-    behaviour: a NO_ERROR GOAWAY only stops *new* streams. (Checked against h2 4.4.1.)"""
-
-    # Output as a list of chunks: h2 copies a DATA payload five times on its way out (tobytes,
-    # body join, header + body, the bytearray buffer, bytes() of it); here a DATA frame's
-    # payload is kept as is and copied once, when data_to_send() joins the chunks.
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config)
-        self._out: list[bytes] = []
-
-    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
-        if not frames:
-            return
-        out = self._out
-        if self._data_to_send:  # h2 wrote there directly (the preface): it goes first
-            out.append(bytes(self._data_to_send))
-            self._data_to_send = bytearray()
-        for f in frames:
-            if type(f) is hyperframe.frame.DataFrame and "PADDED" not in f.flags:
-                data = f.data
-                if not isinstance(data, bytes):
-                    data = bytes(data)
-                n = len(data)
-                f.body_len = n
-                flags = _END_STREAM if "END_STREAM" in f.flags else 0
-                out.append(_FRAME_HEADER.pack(n >> 8, n & 0xFF, 0, flags, f.stream_id))
-                if n:
-                    out.append(data)
-            else:
-                out.append(f.serialize())
-
-    def data_to_send(self, amount: int | None = None) -> bytes:
-        if self._out:
-            if self._data_to_send:
-                self._out.append(bytes(self._data_to_send))
-            joined = b"".join(self._out)
-            self._out = []
-            if amount is None:
-                self._data_to_send = bytearray()
-                return joined
-            self._data_to_send = bytearray(joined)
-        return super().data_to_send(amount)
-
-    def clear_outbound_data_buffer(self) -> None:
-        self._out = []
-        super().clear_outbound_data_buffer()
-
-    def has_output(self) -> bool:
-        return bool(self._out) or bool(self._data_to_send)
-
-    def _local_settings_acked(self):  # type: ignore[no-untyped-def]
-        # h2 sets the frame buffer's size limit once per receive_data(): when the ACK of our
-        # SETTINGS (MAX_FRAME_SIZE 1 MiB) and a larger DATA frame from the peer arrive in the
-        # same read, the DATA frame was refused as overlong and the connection killed. Apply
-        # the new limit at once (a server-first app answering on a fresh connection hit it).
-        changes = super()._local_settings_acked()
-        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
-        return changes
-
-    def _receive_goaway_frame(self, frame: hyperframe.frame.GoAwayFrame):  # type: ignore[override]
-        if frame.error_code != ErrorCodes.NO_ERROR:
-            return super()._receive_goaway_frame(frame)
-        event = h2.events.ConnectionTerminated()
-        event.error_code = ErrorCodes.NO_ERROR
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-    def send_graceful_goaway(self) -> None:
-        """Queue a NO_ERROR GOAWAY and keep the connection open for the existing streams."""
-        frame = hyperframe.frame.GoAwayFrame(
-            stream_id=0, last_stream_id=self.highest_inbound_stream_id,
-            error_code=ErrorCodes.NO_ERROR)
-        self._prepare_for_sending([frame])
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +190,7 @@ class ConnectRequest:
         return (self.host, self.port)
 
 
+@functools.lru_cache(maxsize=1024)  # a node proxy talks to the same few hundred targets
 def parse_authority(authority: str) -> tuple[str, int]:
     """``ip:port`` or ``[v6]:port`` → (ip, port); raise :class:`HboneRequestError` (400)."""
     if authority.startswith("["):
@@ -410,40 +343,6 @@ class ResponseReceived:
     ended: bool = False
 
 
-@dataclass
-class DataReceived:
-    stream_id: int
-    data: bytes
-
-
-@dataclass
-class EndOfStream:
-    stream_id: int
-
-
-@dataclass
-class StreamReset:
-    stream_id: int
-    error_code: int
-    remote: bool = True
-
-
-@dataclass
-class WindowChanged:
-    """More may be sendable (WINDOW_UPDATE or new SETTINGS)."""
-
-
-@dataclass
-class PingAcked:
-    data: bytes
-
-
-@dataclass
-class GoAway:
-    error_code: int
-    last_stream_id: int
-
-
 Event = (
     ConnectRequested
     | RequestRefused
@@ -463,80 +362,70 @@ class HboneProtocolError(HboneError):
 
 class HboneH2:
     """One HBONE HTTP/2 connection, sans-IO. Feed bytes to :meth:`receive`; send
-    :meth:`data_to_send` after every call that may have produced output."""
+    :meth:`data_to_send` after every call that may have produced output.
+
+    The HTTP/2 work is done by :class:`~ztunnel.hbone.frames.H2Engine` (``self.h2``); this
+    class applies the HBONE settings and turns header blocks into CONNECT requests and
+    responses, answering malformed requests itself."""
 
     def __init__(self, *, client_side: bool) -> None:
         self.client_side = client_side
-        # Outbound header blocks are ours (CONNECT, :status): open_request() checks them
-        # itself, cheaper than h2's generic validation and normalisation chain.
-        config = h2.config.H2Configuration(
-            client_side=client_side,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.h2 = _HboneH2Connection(config)
-        self.h2.incoming_buffer = _FrameBuffer(server=not client_side)
-        self.h2.decoder = _CappedDecoder()
-        self.h2.encoder = _PlainEncoder()
         self.max_header_list = CLIENT_MAX_HEADER_LIST if client_side else SERVER_MAX_HEADER_LIST
-        self.goaway_received = False
+        settings = {
+            Setting.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            Setting.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            Setting.MAX_HEADER_LIST_SIZE: self.max_header_list,
+        }
+        if client_side:
+            settings[Setting.ENABLE_PUSH] = 0
+        else:
+            settings[Setting.MAX_CONCURRENT_STREAMS] = SERVER_MAX_CONCURRENT_STREAMS
+        self.h2 = H2Engine(
+            client_side=client_side,
+            local_settings=settings,
+            connection_window=CONNECTION_WINDOW,
+            encoder=_PlainEncoder(),
+            decoder=_CappedDecoder(),
+        )
         self.goaway_sent = False
+
+    @property
+    def goaway_received(self) -> bool:
+        return self.h2.goaway_received
 
     # -- setup and connection-level actions -------------------------------------------------
     def initiate(self) -> None:
         """Queue the preface and the HBONE settings and grow the connection window."""
-        self.h2.initiate_connection()
-        S = h2.settings.SettingCodes
-        settings = {
-            S.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            S.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            S.MAX_HEADER_LIST_SIZE: self.max_header_list,
-        }
-        if self.client_side:
-            settings[S.ENABLE_PUSH] = 0
-        else:
-            settings[S.MAX_CONCURRENT_STREAMS] = SERVER_MAX_CONCURRENT_STREAMS
-        # After initiate_connection(): replacing local_settings would leave h2's inbound frame
-        # limit at 16 KiB.
-        self.h2.update_settings(settings)
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - H2_DEFAULT_WINDOW)
+        self.h2.initiate()
 
     def data_to_send(self) -> bytes:
         return self.h2.data_to_send()
 
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` would return bytes (saves waking the writer)."""
-        return self.h2.has_output()
+        return bool(self.h2._out)
 
     def ping(self) -> bytes:
         payload = secrets.token_bytes(8)
-        self.h2.ping(payload)
+        self.h2.send_ping(payload)
         return payload
 
-    def goaway(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
+    def goaway(self, error_code: int = ErrorCode.NO_ERROR) -> None:
         """Queue a GOAWAY. NO_ERROR drains: open streams go on, new ones are refused."""
-        if error_code == ErrorCodes.NO_ERROR:
-            if not self.goaway_sent:
-                self.h2.send_graceful_goaway()
-        else:
-            try:
-                self.h2.close_connection(error_code=error_code)
-            except h2.exceptions.ProtocolError:
-                pass  # already closed
+        if error_code != ErrorCode.NO_ERROR or not self.goaway_sent:
+            self.h2.send_goaway(error_code)  # a no-op once the connection is closed
         self.goaway_sent = True
 
     @property
     def peer_max_concurrent_streams(self) -> int:
-        return self.h2.remote_settings.max_concurrent_streams
+        return self.h2.peer_max_concurrent_streams
 
     # -- stream actions -----------------------------------------------------------------------
     def open_request(self, authority: str, headers: list[tuple[str, str]] | tuple = ()) -> int:
         """Client: queue a CONNECT and return its stream id."""
-        sid = self.h2.get_next_available_stream_id()
         block = [(":method", "CONNECT"), (":authority", authority)]
         block += [(n.lower(), v) for n, v in headers]
-        encoded = []
+        encoded: list[tuple[bytes, bytes]] = []
         for n, v in block:
             _check_header(n, v)
             name = n.encode()
@@ -544,6 +433,7 @@ class HboneH2:
                 encoded.append(hpack.NeverIndexedHeaderTuple(name, v.encode()))
             else:
                 encoded.append((name, v.encode()))
+        sid = self.h2.get_next_available_stream_id()
         self.h2.send_headers(sid, encoded)
         return sid
 
@@ -553,106 +443,55 @@ class HboneH2:
 
     def send_window(self, stream_id: int) -> int:
         """How many bytes of DATA may be queued on the stream now."""
-        try:
-            return self.h2.local_flow_control_window(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
-            return 0
+        return self.h2.local_flow_control_window(stream_id)
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Queue as much of ``data`` as the windows allow, in frames of at most the peer's max
         frame size; return the number of bytes queued."""
-        view = memoryview(data)
-        window = self.send_window(stream_id)
-        frame = self.h2.max_outbound_frame_size
-        sent = 0
-        whole = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
-        while sent < len(view) and window > 0:
-            n = min(window, frame, len(view) - sent)
-            if whole is not None and n == len(view):
-                self.h2.send_data(stream_id, whole)  # h2 would copy a memoryview
-            else:
-                self.h2.send_data(stream_id, view[sent : sent + n])
-            sent += n
-            window -= n
-        return sent
+        return self.h2.send_data(stream_id, data)
 
     def end_stream(self, stream_id: int) -> None:
         self.h2.end_stream(stream_id)
 
-    def reset(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> bool:
+    def reset(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> bool:
         """Queue RST_STREAM unless the stream is already closed; True if one was queued."""
-        try:
-            self.h2.reset_stream(stream_id, error_code)
-            return True
-        except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
-            return False
-        except h2.exceptions.ProtocolError:
-            return False
+        return self.h2.reset_stream(stream_id, error_code)
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """Hand ``n`` consumed bytes back to the peer's windows (the back-pressure point)."""
-        if n <= 0:
-            return
-        try:
-            self.h2.acknowledge_received_data(n, stream_id)
-        except h2.exceptions.ProtocolError:
-            pass  # connection already closed: nothing to give back
+        self.h2.acknowledge_received_data(stream_id, n)
 
     # -- input ----------------------------------------------------------------------------------
     def receive(self, data: bytes) -> list[Event]:
         """Feed bytes from the peer; raise :class:`HboneProtocolError` if HTTP/2 is broken."""
         try:
-            h2_events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            # h2 queued a GOAWAY for frame errors, but not for a bad preface.
-            if self.h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
-                try:
-                    self.h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
-                except h2.exceptions.ProtocolError:
-                    pass
-            self.goaway_sent = True
-            raise HboneProtocolError(f"HTTP/2 protocol error: {e}") from e
-        out: list[Event] = []
-        for ev in h2_events:
-            self._map_event(ev, out)
-        return out
+            events = self.h2.receive_data(data)
+        except H2ConnectionError as e:
+            self.goaway_sent = True  # the engine queued it
+            raise HboneProtocolError(
+                f"HTTP/2 protocol error ({ErrorCode(e.error_code).name}): {e}") from e
+        dropped = False
+        for i, ev in enumerate(events):
+            if type(ev) is HeadersReceived:
+                mapped = self._on_headers(ev)
+                if mapped is None:  # trailers: nothing to report but their END_STREAM
+                    dropped = True
+                events[i] = mapped
+        return [ev for ev in events if ev is not None] if dropped else events
 
-    def _map_event(self, ev: h2.events.Event, out: list[Event]) -> None:
-        if isinstance(ev, h2.events.DataReceived):
-            padding = ev.flow_controlled_length - len(ev.data)
-            if padding:
-                self.acknowledge(ev.stream_id, padding)  # padding is never buffered
-            if ev.data:
-                out.append(DataReceived(ev.stream_id, ev.data))
-        elif isinstance(ev, h2.events.RequestReceived):
-            self._on_request(ev, out)
-        elif isinstance(ev, h2.events.ResponseReceived):
-            self._on_response(ev, out)
-        elif isinstance(ev, h2.events.StreamEnded):
-            # h2 reports END_STREAM as its own event right after the frame's event.
-            out.append(EndOfStream(ev.stream_id))
-        elif isinstance(ev, h2.events.StreamReset):
-            out.append(StreamReset(ev.stream_id, int(ev.error_code or 0), remote=ev.remote_reset))
-        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
-            out.append(WindowChanged())
-        elif isinstance(ev, h2.events.PingAckReceived):
-            out.append(PingAcked(ev.ping_data or b""))
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.goaway_received = True
-            out.append(GoAway(int(ev.error_code or 0), ev.last_stream_id or 0))
-        # TrailersReceived, InformationalResponseReceived, PingReceived (auto-acked),
-        # SettingsAcknowledged, PriorityUpdated, UnknownFrameReceived: nothing to do.
+    def _on_headers(self, ev: HeadersReceived) -> Event | None:
+        if ev.trailers:
+            return None  # END_STREAM follows as its own event
+        if self.client_side:
+            return self._on_response(ev)
+        return self._on_request(ev)
 
-    def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
+    def _on_request(self, ev: HeadersReceived) -> Event:
         sid = ev.stream_id
-        headers = list(ev.headers or [])
-        if self.client_side:  # h2 refuses pushes from servers already; be safe
-            self.reset(sid, ErrorCodes.REFUSED_STREAM)
-            return
+        headers = ev.headers
         if self.goaway_sent:
-            self.reset(sid, ErrorCodes.REFUSED_STREAM)
-            out.append(RequestRefused(sid, 0, "draining: stream refused"))
-            return
+            self.reset(sid, ErrorCode.REFUSED_STREAM)
+            return RequestRefused(sid, 0, "draining: stream refused")
         size = header_list_size(headers)
         try:
             if size > self.max_header_list:
@@ -660,23 +499,18 @@ class HboneH2:
             request = parse_connect(headers)
         except HboneRequestError as e:
             self.respond(sid, e.status, end_stream=True)
-            out.append(RequestRefused(sid, e.status, e.reason))
-            return
-        out.append(ConnectRequested(sid, request, ended=ev.stream_ended is not None))
+            return RequestRefused(sid, e.status, e.reason)
+        return ConnectRequested(sid, request, ended=ev.ended)
 
-    def _on_response(self, ev: h2.events.ResponseReceived, out: list[Event]) -> None:
+    def _on_response(self, ev: HeadersReceived) -> Event:
         sid = ev.stream_id
-        headers = list(ev.headers or [])
+        headers = ev.headers
         size = header_list_size(headers)
         if size > self.max_header_list:
-            self.reset(sid, ErrorCodes.PROTOCOL_ERROR)
-            out.append(StreamReset(sid, ErrorCodes.PROTOCOL_ERROR, remote=False))
-            return
+            self.reset(sid, ErrorCode.PROTOCOL_ERROR)
+            return StreamReset(sid, ErrorCode.PROTOCOL_ERROR, remote=False)
         status = 0
         for name, value in headers:
             if name == b":status":
-                try:
-                    status = int(value)
-                except ValueError:
-                    status = 0
-        out.append(ResponseReceived(sid, status, ended=ev.stream_ended is not None))
+                status = int(value)  # the engine checked: three digits
+        return ResponseReceived(sid, status, ended=ev.ended)

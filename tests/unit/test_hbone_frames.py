@@ -1,0 +1,679 @@
+"""Our HTTP/2 engine (ztunnel.hbone.frames) against the real ``h2`` library as the peer, and
+against hand-made malformed input: every broken rule gives the RFC 9113 error, never a crash."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import hpack
+import hyperframe.frame
+import pytest
+import trio
+import trio.testing
+
+from ztunnel.hbone import frames as f
+from ztunnel.hbone import protocol as p
+
+E = f.ErrorCode
+PREFACE = f.PREFACE
+
+
+def h2_peer(*, client_side: bool, **settings: int) -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=client_side, header_encoding=None))
+    conn.initiate_connection()
+    if settings:
+        S = h2.settings.SettingCodes
+        conn.update_settings({getattr(S, k.upper()): v for k, v in settings.items()})
+    return conn
+
+
+def pump(ours: p.HboneH2, theirs: h2.connection.H2Connection) -> tuple[list, list]:
+    """Move bytes both ways until quiet; return (our events, h2's events)."""
+    mine: list = []
+    peer: list = []
+    while True:
+        a, b = ours.data_to_send(), theirs.data_to_send()
+        if not a and not b:
+            return mine, peer
+        if a:
+            peer += theirs.receive_data(a)
+        if b:
+            mine += ours.receive(b)
+
+
+def of(events: list, kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def parsed(wire: bytes) -> list[hyperframe.frame.Frame]:
+    """Our output, parsed by an independent implementation (hyperframe)."""
+    out = []
+    view = memoryview(wire)
+    if bytes(view[:24]) == PREFACE:
+        view = view[24:]
+    while view:
+        assert len(view) >= 9, "truncated frame in our output"
+        frame, length = hyperframe.frame.Frame.parse_frame_header(view[:9])
+        assert len(view) >= 9 + length, "truncated frame in our output"
+        frame.parse_body(view[9 : 9 + length])
+        out.append(frame)
+        view = view[9 + length :]
+    return out
+
+
+# -- our client ↔ h2 server ----------------------------------------------------------------------
+
+
+def client_pair(**server_settings: int) -> tuple[p.HboneH2, h2.connection.H2Connection]:
+    ours = p.HboneH2(client_side=True)
+    ours.initiate()
+    theirs = h2_peer(client_side=False, **server_settings)
+    pump(ours, theirs)
+    return ours, theirs
+
+
+def h2_accepts(theirs: h2.connection.H2Connection, events: list) -> list[int]:
+    sids = []
+    for ev in of(events, h2.events.RequestReceived):
+        headers = dict(ev.headers)
+        assert headers[b":method"] == b"CONNECT"
+        assert b":scheme" not in headers and b":path" not in headers
+        theirs.send_headers(ev.stream_id, [(":status", "200")])
+        sids.append(ev.stream_id)
+    return sids
+
+
+def test_our_client_tunnels_large_bodies_both_ways_through_an_h2_server() -> None:
+    ours, theirs = client_pair()
+    sid = ours.open_request("10.0.0.2:80", p.connect_headers(
+        "10.0.0.2:80", forwarded_for="10.0.0.1:999", baggage="a=b"))
+    mine, peer = pump(ours, theirs)
+    assert h2_accepts(theirs, peer) == [sid]
+    mine, _ = pump(ours, theirs)
+    assert of(mine, p.ResponseReceived) == [p.ResponseReceived(sid, 200)]
+
+    up = random.Random(1).randbytes(5 * 1024 * 1024 + 123)  # > h2's 64 KiB windows
+    down = random.Random(2).randbytes(9 * 1024 * 1024 + 7)  # > our 4 MiB stream window
+    sent_up = sent_down = 0
+    got_up = bytearray()
+    got_down = bytearray()
+    ended_up = ended_down = False
+    for _ in range(10_000):
+        if sent_up < len(up):
+            sent_up += ours.send_data(sid, memoryview(up)[sent_up:])
+        elif not ended_up:
+            ours.end_stream(sid)
+            ended_up = True
+        if sent_down < len(down):
+            n = min(theirs.local_flow_control_window(sid), theirs.max_outbound_frame_size,
+                    len(down) - sent_down)
+            if n:
+                theirs.send_data(sid, down[sent_down : sent_down + n])
+                sent_down += n
+        elif not ended_down:
+            theirs.end_stream(sid)
+            ended_down = True
+        mine, peer = pump(ours, theirs)
+        for ev in of(peer, h2.events.DataReceived):
+            got_up += ev.data
+            theirs.acknowledge_received_data(ev.flow_controlled_length, sid)
+        for ev in of(mine, p.DataReceived):
+            got_down += ev.data
+            ours.acknowledge(sid, len(ev.data))
+        if of(mine, p.EndOfStream):
+            assert ended_down
+        if ended_up and ended_down and len(got_up) == len(up) and len(got_down) == len(down):
+            break
+    assert bytes(got_up) == up
+    assert bytes(got_down) == down
+    pump(ours, theirs)
+    assert ours.send_window(sid) == 0  # closed both ways
+    assert ours.h2.open_outbound_streams == 0
+
+
+def test_our_client_respects_h2s_max_concurrent_streams() -> None:
+    ours, theirs = client_pair()
+    assert ours.peer_max_concurrent_streams == 100  # h2's default
+    sids = [ours.open_request("10.0.0.2:80") for _ in range(100)]
+    with pytest.raises(f.H2Error):
+        ours.open_request("10.0.0.2:80")
+    _, peer = pump(ours, theirs)
+    assert h2_accepts(theirs, peer) == sids
+    mine, _ = pump(ours, theirs)
+    assert [e.stream_id for e in of(mine, p.ResponseReceived)] == sids
+    # h2 resets one, we reset another: two slots free again
+    theirs.reset_stream(sids[0], E.CANCEL)
+    assert ours.reset(sids[1], E.CANCEL)
+    mine, peer = pump(ours, theirs)
+    assert of(mine, p.StreamReset) == [p.StreamReset(sids[0], E.CANCEL, remote=True)]
+    assert [(e.stream_id, e.error_code) for e in of(peer, h2.events.StreamReset)] == [
+        (sids[1], E.CANCEL)]
+    a, b = ours.open_request("10.0.0.2:80"), ours.open_request("10.0.0.2:80")
+    _, peer = pump(ours, theirs)
+    assert h2_accepts(theirs, peer) == [a, b]
+
+
+def test_h2_server_goaway_and_ping() -> None:
+    ours, theirs = client_pair()
+    sid = ours.open_request("10.0.0.2:80")
+    _, peer = pump(ours, theirs)
+    h2_accepts(theirs, peer)
+    payload = ours.ping()
+    theirs.ping(b"12345678")
+    mine, peer = pump(ours, theirs)
+    assert of(mine, p.PingAcked) == [p.PingAcked(payload)]
+    assert [e.ping_data for e in of(peer, h2.events.PingAckReceived)] == [b"12345678"]
+    theirs.close_connection(error_code=E.NO_ERROR, last_stream_id=sid)
+    mine, _ = pump(ours, theirs)
+    assert of(mine, p.GoAway) == [p.GoAway(0, sid)]
+    assert ours.goaway_received
+
+
+def test_h2_server_settings_change_is_applied() -> None:
+    ours, theirs = client_pair()
+    sid = ours.open_request("10.0.0.2:80")
+    _, peer = pump(ours, theirs)
+    h2_accepts(theirs, peer)
+    pump(ours, theirs)
+    assert ours.send_window(sid) == 65535
+    theirs.increment_flow_control_window(1_000_000)
+    S = h2.settings.SettingCodes
+    theirs.update_settings({S.INITIAL_WINDOW_SIZE: 100_000, S.MAX_FRAME_SIZE: 32768,
+                            S.MAX_CONCURRENT_STREAMS: 5})
+    mine, _ = pump(ours, theirs)
+    assert of(mine, p.WindowChanged)
+    assert ours.send_window(sid) == 100_000  # existing stream adjusted by the delta
+    assert ours.h2.max_outbound_frame_size == 32768
+    assert ours.peer_max_concurrent_streams == 5
+    assert ours.send_data(sid, b"x" * 100_001) == 100_000
+    frames = parsed(ours.data_to_send())
+    assert [len(fr.data) for fr in frames] == [32768, 32768, 32768, 1696]
+
+
+def test_streams_that_are_not_read_do_not_stall_the_connection_window() -> None:
+    client, server = p.HboneH2(client_side=True), p.HboneH2(client_side=False)
+    client.initiate()
+    server.initiate()
+    for _ in range(3):
+        server.receive(client.data_to_send())
+        client.receive(server.data_to_send())
+    sids = [client.open_request("10.0.0.2:80") for _ in range(4)]
+    server.receive(client.data_to_send())
+    block = b"\0" * p.STREAM_WINDOW
+    for sid in sids[:3]:  # 12 MiB that nobody reads
+        assert client.send_data(sid, block) == p.STREAM_WINDOW
+        server.receive(client.data_to_send())
+    active = sids[3]
+    for _ in range(3):  # the fourth stream is read: it keeps going
+        sent = client.send_data(active, block)
+        assert sent > 0
+        got = sum(len(e.data) for e in server.receive(client.data_to_send())
+                  if isinstance(e, p.DataReceived))
+        server.acknowledge(active, got)
+        client.receive(server.data_to_send())
+    assert client.send_window(active) > 0
+
+
+# -- h2 client ↔ our server ----------------------------------------------------------------------
+
+
+def server_pair() -> tuple[p.HboneH2, h2.connection.H2Connection]:
+    ours = p.HboneH2(client_side=False)
+    ours.initiate()
+    theirs = h2_peer(client_side=True)
+    pump(ours, theirs)
+    return ours, theirs
+
+
+def h2_connect(theirs: h2.connection.H2Connection, authority: str = "10.0.0.2:80",
+               *, end: bool = False) -> int:
+    sid = theirs.get_next_available_stream_id()
+    theirs.send_headers(sid, [(":method", "CONNECT"), (":authority", authority),
+                              ("baggage", "k=v")], end_stream=end)
+    return sid
+
+
+def test_h2_client_tunnels_through_our_server_with_flow_control() -> None:
+    ours, theirs = server_pair()
+    assert theirs.remote_settings.max_concurrent_streams == 200
+    assert theirs.max_outbound_frame_size == 1024 * 1024
+    sid = h2_connect(theirs)
+    mine, _ = pump(ours, theirs)
+    (req,) = of(mine, p.ConnectRequested)
+    assert (req.stream_id, req.request.target, req.request.headers) == (
+        sid, ("10.0.0.2", 80), {"baggage": "k=v"})
+    ours.respond(sid, 200)
+    _, peer = pump(ours, theirs)
+    (resp,) = of(peer, h2.events.ResponseReceived)
+    assert dict(resp.headers)[b":status"] == b"200"
+
+    body = random.Random(3).randbytes(12 * 1024 * 1024)  # 3 stream windows
+    sent = 0
+    got = bytearray()
+    while len(got) < len(body):
+        n = min(theirs.local_flow_control_window(sid), theirs.max_outbound_frame_size,
+                len(body) - sent)
+        if n:
+            theirs.send_data(sid, body[sent : sent + n], end_stream=sent + n == len(body))
+            sent += n
+        mine, _ = pump(ours, theirs)
+        chunk = b"".join(e.data for e in of(mine, p.DataReceived))
+        assert chunk or n, "stalled"
+        got += chunk
+        ours.acknowledge(sid, len(chunk))
+    assert bytes(got) == body
+    assert of(mine, p.EndOfStream) == [p.EndOfStream(sid)]
+    # the answer, with our end of stream
+    assert ours.send_data(sid, b"bye") == 3
+    ours.end_stream(sid)
+    _, peer = pump(ours, theirs)
+    assert b"".join(e.data for e in of(peer, h2.events.DataReceived)) == b"bye"
+    assert of(peer, h2.events.StreamEnded)
+    assert ours.h2.open_inbound_streams == 0
+
+
+def test_h2_client_many_streams_resets_and_graceful_goaway() -> None:
+    ours, theirs = server_pair()
+    sids = [h2_connect(theirs) for _ in range(50)]
+    mine, _ = pump(ours, theirs)
+    assert [e.stream_id for e in of(mine, p.ConnectRequested)] == sids
+    for sid in sids:
+        ours.respond(sid, 200)
+    pump(ours, theirs)
+    theirs.reset_stream(sids[0], E.CANCEL)
+    ours.reset(sids[1], E.CONNECT_ERROR)
+    mine, peer = pump(ours, theirs)
+    assert of(mine, p.StreamReset) == [p.StreamReset(sids[0], E.CANCEL, remote=True)]
+    assert [(e.stream_id, e.error_code) for e in of(peer, h2.events.StreamReset)] == [
+        (sids[1], E.CONNECT_ERROR)]
+    # frames sent before the peer saw our reset are ignored, not an error (h2 will not send
+    # on a stream it knows is reset: a hand-made frame)
+    late = f.frame_header(3, 0, 0, sids[1]) + b"abc"
+    assert ours.receive(late) == []
+    # graceful GOAWAY: open streams go on, a new one is refused
+    ours.goaway()
+    _, peer = pump(ours, theirs)
+    (term,) = of(peer, h2.events.ConnectionTerminated)
+    assert (term.error_code, term.last_stream_id) == (0, sids[-1])
+    # (h2 itself stops sending after any GOAWAY: a hand-made DATA frame)
+    assert ours.receive(f.frame_header(5, 0, 0, sids[5]) + b"still") == [
+        p.DataReceived(sids[5], b"still")]
+    # a new stream after our GOAWAY is refused (a fresh encoder's first block: no references
+    # to h2's dynamic table entries)
+    late = sids[-1] + 2
+    mine = ours.receive(f.frame_header(len(connect_block()), 1, 0x4, late) + connect_block())
+    assert of(mine, p.RequestRefused) == [p.RequestRefused(late, 0, "draining: stream refused")]
+    assert rst_codes(ours.data_to_send()) == [(late, E.REFUSED_STREAM)]
+
+
+def test_h2_client_request_refusals() -> None:
+    ours, theirs = server_pair()
+    sid = theirs.get_next_available_stream_id()
+    theirs.send_headers(sid, [(":method", "GET"), (":scheme", "https"), (":path", "/"),
+                              (":authority", "10.0.0.2:80")], end_stream=True)
+    mine, peer = pump(ours, theirs)
+    assert [e.status for e in of(mine, p.RequestRefused)] == [400]
+    assert dict(of(peer, h2.events.ResponseReceived)[0].headers)[b":status"] == b"400"
+    big = h2_connect(theirs)
+    # an oversize block: refused per stream, the connection lives (literals without Huffman
+    # coding: h2's pure-Python coder would take seconds for this block)
+    theirs.encoder = p._PlainEncoder()
+    sid3 = theirs.get_next_available_stream_id()
+    theirs.send_headers(sid3, [(":method", "CONNECT"), (":authority", "10.0.0.2:80"),
+                               ("x-big", "a" * 100_000)])
+    mine, peer = pump(ours, theirs)
+    assert [(e.stream_id, e.status) for e in of(mine, p.RequestRefused)] == [(sid3, 431)]
+    assert [e.stream_id for e in of(mine, p.ConnectRequested)] == [big]
+
+
+def test_ping_from_h2_client_is_answered() -> None:
+    ours, theirs = server_pair()
+    theirs.ping(b"abcdefgh")
+    _, peer = pump(ours, theirs)
+    assert [e.ping_data for e in of(peer, h2.events.PingAckReceived)] == [b"abcdefgh"]
+
+
+# -- malformed input ------------------------------------------------------------------------------
+
+
+def frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return f.frame_header(len(payload), ftype, flags, sid) + payload
+
+
+SETTINGS = frame(4, 0, 0)
+
+
+def connect_block(authority: str = "10.0.0.2:80") -> bytes:
+    return hpack.Encoder().encode([(":method", "CONNECT"), (":authority", authority)])
+
+
+def fresh_server() -> p.HboneH2:
+    server = p.HboneH2(client_side=False)
+    server.initiate()
+    server.data_to_send()
+    assert server.receive(PREFACE + SETTINGS) == [p.WindowChanged()]
+    server.data_to_send()  # the SETTINGS ACK
+    return server
+
+
+def goaway_code(wire: bytes) -> int | None:
+    codes = [fr.error_code for fr in parsed(wire) if isinstance(fr, hyperframe.frame.GoAwayFrame)]
+    return codes[-1] if codes else None
+
+
+def rst_codes(wire: bytes) -> list[tuple[int, int]]:
+    return [(fr.stream_id, fr.error_code) for fr in parsed(wire)
+            if isinstance(fr, hyperframe.frame.RstStreamFrame)]
+
+
+HEADERS_1 = frame(1, 0x4, 1, connect_block())  # a valid CONNECT on stream 1, END_HEADERS
+
+CONNECTION_ERRORS = {
+    "garbage preface": (b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 30, E.PROTOCOL_ERROR, False),
+    "first frame not SETTINGS": (PREFACE + frame(6, 0, 0, b"12345678"), E.PROTOCOL_ERROR, False),
+    "frame over max frame size": (f.frame_header(2 * 1024 * 1024, 0, 0, 1), E.FRAME_SIZE_ERROR,
+                                  True),
+    "SETTINGS length not 6n": (frame(4, 0, 0, b"\0" * 7), E.FRAME_SIZE_ERROR, True),
+    "SETTINGS on a stream": (frame(4, 0, 1), E.PROTOCOL_ERROR, True),
+    "SETTINGS ACK with payload": (frame(4, 1, 0, b"\0" * 6), E.FRAME_SIZE_ERROR, True),
+    "ENABLE_PUSH 2": (frame(4, 0, 0, struct.pack(">HL", 2, 2)), E.PROTOCOL_ERROR, True),
+    "MAX_FRAME_SIZE too small": (frame(4, 0, 0, struct.pack(">HL", 5, 100)), E.PROTOCOL_ERROR,
+                                 True),
+    "INITIAL_WINDOW_SIZE too large": (frame(4, 0, 0, struct.pack(">HL", 4, 2**31)),
+                                      E.FLOW_CONTROL_ERROR, True),
+    "PING length 7": (frame(6, 0, 0, b"1234567"), E.FRAME_SIZE_ERROR, True),
+    "PING on a stream": (frame(6, 0, 1, b"12345678"), E.PROTOCOL_ERROR, True),
+    "WINDOW_UPDATE length 3": (frame(8, 0, 0, b"\0\0\1"), E.FRAME_SIZE_ERROR, True),
+    "connection window overflow": (frame(8, 0, 0, struct.pack(">L", 2**31 - 1)),
+                                   E.FLOW_CONTROL_ERROR, True),
+    "connection WINDOW_UPDATE of 0": (frame(8, 0, 0, b"\0\0\0\0"), E.PROTOCOL_ERROR, True),
+    "WINDOW_UPDATE on idle stream": (frame(8, 0, 7, b"\0\0\0\1"), E.PROTOCOL_ERROR, True),
+    "DATA on stream 0": (frame(0, 0, 0, b"abc"), E.PROTOCOL_ERROR, True),
+    "DATA on idle stream": (frame(0, 0, 3, b"abc"), E.PROTOCOL_ERROR, True),
+    "HEADERS on stream 0": (frame(1, 0x4, 0, connect_block()), E.PROTOCOL_ERROR, True),
+    "HEADERS on an even stream": (frame(1, 0x4, 2, connect_block()), E.PROTOCOL_ERROR, True),
+    "RST_STREAM on idle stream": (frame(3, 0, 9, b"\0\0\0\0"), E.PROTOCOL_ERROR, True),
+    "RST_STREAM length 5": (frame(3, 0, 1, b"\0" * 5), E.FRAME_SIZE_ERROR, True),
+    "GOAWAY too short": (frame(7, 0, 0, b"\0" * 4), E.FRAME_SIZE_ERROR, True),
+    "GOAWAY on a stream": (frame(7, 0, 1, b"\0" * 8), E.PROTOCOL_ERROR, True),
+    "PUSH_PROMISE": (frame(5, 0x4, 1, b"\0\0\0\2" + connect_block()), E.PROTOCOL_ERROR, True),
+    "CONTINUATION without HEADERS": (frame(9, 0x4, 1, connect_block()), E.PROTOCOL_ERROR, True),
+    "PING inside a header block": (frame(1, 0, 1, connect_block()[:3]) + frame(6, 0, 0, b"1" * 8),
+                                   E.PROTOCOL_ERROR, True),
+    "CONTINUATION on another stream": (frame(1, 0, 1, connect_block()[:3])
+                                       + frame(9, 0x4, 3, connect_block()[3:]),
+                                       E.PROTOCOL_ERROR, True),
+    "HPACK garbage": (frame(1, 0x4, 1, b"\xff\xff\xff\xff\xff"), E.COMPRESSION_ERROR, True),
+    "HPACK index out of range": (frame(1, 0x4, 1, b"\xfe"), E.COMPRESSION_ERROR, True),
+    "HEADERS padding longer than frame": (frame(1, 0x4 | 0x8, 1, b"\x50" + connect_block()),
+                                          E.PROTOCOL_ERROR, True),
+    "DATA padding longer than frame": (HEADERS_1 + frame(0, 0x8, 1, b"\x09abc"),
+                                       E.PROTOCOL_ERROR, True),
+    "DATA beyond the stream window": (HEADERS_1 + b"".join(
+        frame(0, 0, 1, b"\0" * (1024 * 1024)) for _ in range(5)), E.FLOW_CONTROL_ERROR, True),
+}
+
+
+@pytest.mark.parametrize("name", list(CONNECTION_ERRORS))
+def test_connection_errors_queue_goaway_with_the_rfc_code(name: str) -> None:
+    data, code, after_preface = CONNECTION_ERRORS[name]
+    if after_preface:
+        server = fresh_server()
+    else:
+        server = p.HboneH2(client_side=False)
+        server.initiate()
+        server.data_to_send()
+    with pytest.raises(p.HboneProtocolError):
+        server.receive(data)
+    assert goaway_code(server.data_to_send()) == code
+    assert server.goaway_sent
+    assert server.receive(b"anything more") == []  # the connection is over: ignored
+
+
+def test_data_beyond_the_connection_window_is_a_flow_control_error() -> None:
+    server = fresh_server()
+    wire = b""
+    for sid in (1, 3, 5, 7, 9):  # 5 streams x 4 MiB > the 16 MiB connection window
+        wire += frame(1, 0x4, sid, connect_block())
+        wire += b"".join(frame(0, 0, sid, b"\0" * (1024 * 1024)) for _ in range(4))
+    with pytest.raises(p.HboneProtocolError):
+        server.receive(wire)
+    assert goaway_code(server.data_to_send()) == E.FLOW_CONTROL_ERROR
+
+
+def test_truncated_frames_wait_for_the_rest() -> None:
+    server = fresh_server()
+    wire = HEADERS_1 + frame(0, 0x1, 1, b"hello")
+    events: list = []
+    pieces = [wire[:5], wire[5:9], wire[9:20], wire[20 : len(HEADERS_1) + 3],
+              wire[len(HEADERS_1) + 3 : -1]]
+    for piece in pieces:
+        events += server.receive(piece)
+    assert not of(events, p.DataReceived)  # the DATA frame is not complete yet
+    events += server.receive(wire[-1:])
+    assert [type(e) for e in events] == [p.ConnectRequested, p.DataReceived, p.EndOfStream]
+
+
+def test_frames_split_across_reads_at_random_places_arrive_whole() -> None:
+    rng = random.Random(5)
+    server = fresh_server()
+    payloads = [rng.randbytes(n) for n in (1024 * 1024, 300_000, 5, 70_000, 16_384)]
+    big_block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.2:80"),
+                                        ("x-pad", "p" * 30_000)])
+    wire = frame(1, 0x4, 1, big_block) + b"".join(
+        frame(0, 0x8, 1, b"\x03" + d + b"\0\0\0") if i % 2 else frame(0, 0, 1, d)
+        for i, d in enumerate(payloads)) + frame(0, 0x1, 1)
+    events: list = []
+    pos = 0
+    while pos < len(wire):
+        n = rng.choice([1, 2, 7, 9, 10, 4096, 65_536, 262_144])
+        events += server.receive(wire[pos : pos + n])
+        pos += n
+    (req,) = of(events, p.ConnectRequested)
+    assert req.request.headers["x-pad"] == "p" * 30_000
+    assert [e.data for e in of(events, p.DataReceived)] == payloads
+    assert of(events, p.EndOfStream) == [p.EndOfStream(1)]
+
+
+def test_stream_errors_reset_only_that_stream() -> None:
+    server = fresh_server()
+    events = server.receive(HEADERS_1 + frame(1, 0x4 | 0x1, 3, connect_block()))
+    assert [e.stream_id for e in of(events, p.ConnectRequested)] == [1, 3]
+    server.respond(3, 200, end_stream=True)  # stream 3: closed both ways
+    server.data_to_send()
+    cases = [
+        # HEADERS on a closed stream
+        (frame(1, 0x4, 3, connect_block()), (3, E.STREAM_CLOSED)),
+        # stream window overflow
+        (frame(8, 0, 1, struct.pack(">L", 2**31 - 1)), (1, E.FLOW_CONTROL_ERROR)),
+    ]
+    for data, expected in cases:
+        events = server.receive(data)
+        assert rst_codes(server.data_to_send()) == [expected]
+    assert of(events, p.StreamReset) == [p.StreamReset(1, E.FLOW_CONTROL_ERROR, remote=False)]
+    # malformed header blocks: a stream error, the HPACK state stays in step
+    e2 = hpack.Encoder()
+    bad_blocks = {
+        5: [(":method", "CONNECT"), (":authority", "10.0.0.2:80"), ("X-Upper", "v")],
+        7: [(":method", "CONNECT"), ("a", "b"), (":authority", "10.0.0.2:80")],
+        9: [(":method", "CONNECT"), (":authority", "10.0.0.2:80"), ("connection", "close")],
+        11: [(":method", "CONNECT"), (":method", "CONNECT"), (":authority", "10.0.0.2:80")],
+        13: [(":method", "CONNECT"), (":status", "200"), (":authority", "10.0.0.2:80")],
+    }
+    wire = b"".join(frame(1, 0x4, sid, e2.encode(h)) for sid, h in bad_blocks.items())
+    good = frame(1, 0x4, 15, e2.encode([(":method", "CONNECT"), (":authority", "10.0.0.2:80")]))
+    events = server.receive(wire + good)
+    assert rst_codes(server.data_to_send()) == [(sid, E.PROTOCOL_ERROR) for sid in bad_blocks]
+    assert [e.stream_id for e in of(events, p.ConnectRequested)] == [15]
+    # a stream id lower than one already used is a closed stream
+    events = server.receive(frame(1, 0x4, 13, e2.encode([(":method", "CONNECT")])))
+    assert rst_codes(server.data_to_send()) == []  # 13 was reset by us: ignored
+    # DATA on a stream closed both ways (not by a reset of ours)
+    events = server.receive(frame(1, 0x5, 17, e2.encode([(":method", "CONNECT"),
+                                                         (":authority", "10.0.0.2:80")])))
+    assert [e.stream_id for e in of(events, p.ConnectRequested)] == [17]
+    server.respond(17, 200, end_stream=True)
+    server.data_to_send()
+    server.receive(frame(0, 0, 17, b"late"))
+    assert rst_codes(server.data_to_send()) == [(17, E.STREAM_CLOSED)]
+
+
+def test_trailers_end_the_stream_and_need_end_stream() -> None:
+    server = fresh_server()
+    e2 = hpack.Encoder()
+    block = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
+    events = server.receive(frame(1, 0x4, 1, e2.encode(block)) + frame(1, 0x4, 3, e2.encode(block)))
+    assert len(of(events, p.ConnectRequested)) == 2
+    events = server.receive(frame(1, 0x4 | 0x1, 1, e2.encode([("x-trailer", "1")])))
+    assert events == [p.EndOfStream(1)]
+    events = server.receive(frame(1, 0x4, 3, e2.encode([("x-trailer", "1")])))  # no END_STREAM
+    assert events == [p.StreamReset(3, E.PROTOCOL_ERROR, remote=False)]
+    assert rst_codes(server.data_to_send()) == [(3, E.PROTOCOL_ERROR)]
+
+
+def test_priority_unknown_frames_and_padding_are_handled() -> None:
+    server = fresh_server()
+    wire = (
+        frame(2, 0, 1, b"\0\0\0\0\x10")  # PRIORITY on an idle stream: ignored
+        + frame(0xEE, 0xFF, 0, b"whatever")  # unknown type: ignored
+        + frame(1, 0x4 | 0x8 | 0x20, 1, b"\x03" + b"\0\0\0\0\x10" + connect_block() + b"pad")
+        + frame(0, 0x8, 1, b"\x04hello\0\0\0\0")
+        + frame(2, 0, 1, b"\0\0\0\0\x10")
+    )
+    events = server.receive(wire)
+    assert [type(e) for e in events] == [p.ConnectRequested, p.DataReceived]
+    assert events[1] == p.DataReceived(1, b"hello")
+    assert server.data_to_send() == b""  # nothing to complain about
+    # a PRIORITY of the wrong length is a stream error
+    server.receive(frame(2, 0, 1, b"\0\0\0"))
+    assert rst_codes(server.data_to_send()) == [(1, E.FRAME_SIZE_ERROR)]
+
+
+def test_max_concurrent_streams_refused_with_rst_stream() -> None:
+    server = fresh_server()
+    e2 = hpack.Encoder()
+    block = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
+    wire = b"".join(frame(1, 0x4, 2 * i + 1, e2.encode(block)) for i in range(201))
+    events = server.receive(wire)
+    assert len(of(events, p.ConnectRequested)) == 200
+    assert rst_codes(server.data_to_send()) == [(401, E.REFUSED_STREAM)]
+    server.reset(1, E.CANCEL)  # one finishes: the next is accepted
+    events = server.receive(frame(1, 0x4, 403, e2.encode(block)))
+    assert [e.stream_id for e in of(events, p.ConnectRequested)] == [403]
+
+
+def test_client_refuses_push_promise_and_server_initiated_streams() -> None:
+    for data in (frame(5, 0x4, 1, b"\0\0\0\2" + connect_block()),
+                 frame(1, 0x4, 2, hpack.Encoder().encode([(":status", "200")]))):
+        client = p.HboneH2(client_side=True)
+        client.initiate()
+        client.open_request("10.0.0.2:80")
+        client.data_to_send()
+        with pytest.raises(p.HboneProtocolError):
+            client.receive(frame(4, 0, 0) + data)
+        assert goaway_code(client.data_to_send()) == E.PROTOCOL_ERROR
+
+
+def test_client_malformed_response_resets_the_stream() -> None:
+    client = p.HboneH2(client_side=True)
+    client.initiate()
+    a = client.open_request("10.0.0.2:80")
+    b = client.open_request("10.0.0.2:80")
+    c = client.open_request("10.0.0.2:80")
+    client.data_to_send()
+    e2 = hpack.Encoder()
+    wire = (frame(4, 0, 0)
+            + frame(1, 0x4, a, e2.encode([("x", "no status")]))
+            + frame(1, 0x4, b, e2.encode([(":status", "100")]))  # informational: skipped
+            + frame(1, 0x4, b, e2.encode([(":status", "200")]))
+            + frame(1, 0x4, c, e2.encode([(":status", "2000")])))
+    events = client.receive(wire)
+    assert of(events, p.ResponseReceived) == [p.ResponseReceived(b, 200)]
+    assert of(events, p.StreamReset) == [p.StreamReset(a, E.PROTOCOL_ERROR, remote=False),
+                                         p.StreamReset(c, E.PROTOCOL_ERROR, remote=False)]
+    # HEADERS on a stream of ours that was never opened
+    with pytest.raises(p.HboneProtocolError):
+        client.receive(frame(1, 0x4, 99, e2.encode([(":status", "200")])))
+
+
+def test_random_frames_never_crash() -> None:
+    rng = random.Random(4)
+    for _ in range(400):
+        server = fresh_server()
+        wire = HEADERS_1
+        for _ in range(rng.randint(1, 6)):
+            ftype = rng.choice([0, 1, 2, 3, 4, 6, 7, 8, 9, 0x20])
+            flags = rng.choice([0, 1, 4, 5, 8, 0x20, 0x2D, 0xFF])
+            sid = rng.choice([0, 1, 2, 3, 5, 2**31 - 1])
+            body = rng.randbytes(rng.choice([0, 1, 4, 5, 6, 8, 13, 64]))
+            wire += frame(ftype, flags, sid, body)
+        cut = rng.randint(0, len(wire))
+        try:
+            server.receive(wire[:cut])
+            server.receive(wire[cut:])
+        except p.HboneProtocolError:
+            assert goaway_code(server.data_to_send()) is not None
+        else:
+            parsed(server.data_to_send())  # whatever we answered is well-formed HTTP/2
+
+
+# -- task switches on the HBONE path (connection.py) ----------------------------------------------
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps (task switches into it) of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_small_write_to_an_idle_writer_and_close_take_no_task_switch() -> None:
+    from tests.unit.test_hbone_connection import echo_handler, hbone_pair, read_all
+
+    async with hbone_pair(echo_handler) as (client, _):
+        stream = await client.open_stream("10.0.0.2:80")
+        await trio.testing.wait_all_tasks_blocked()
+        steps = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await stream.send_all(b"first")  # the writer is idle: queued, not waited for
+            assert steps.steps == 0
+            await stream.send_all(b"second")  # the writer has not run yet: this one waits
+            assert steps.steps >= 1
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        await stream.send_eof()
+        assert await read_all(stream) == b"firstsecond"
+        steps = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await stream.aclose()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps == 0
+
+
+async def test_unwaited_write_still_reports_a_dead_connection() -> None:
+    from tests.unit.test_hbone_connection import echo_handler, hbone_pair
+
+    a, b = trio.testing.memory_stream_pair()
+    async with hbone_pair(echo_handler, a, b) as (client, _):
+        stream = await client.open_stream("10.0.0.2:80")
+        await trio.testing.wait_all_tasks_blocked()
+        await b.aclose()  # the server's transport goes away under the client
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(10):
+                await stream.send_all(b"x" * 1000)
+                await trio.sleep(0.01)
