@@ -81,13 +81,16 @@ def _wait_then(conf: Path, command: str) -> list[str]:
     return ["sh", "-c", f"while [ ! -s {conf} ]; do sleep 0.1; done; exec {command}"]
 
 
-def lab_yaml(workdir: Path, l7: bool = False) -> str:
-    """The cluster file (JSON documents are YAML too); `l7` adds the L7 case's pods."""
+def lab_yaml(workdir: Path, l7: bool = False, workers: int = 1) -> str:
+    """The cluster file (JSON documents are YAML too); `l7` adds the L7 case's pods;
+    `workers` > 1 runs each node proxy with that many worker processes."""
+    node_extra: dict[str, Any] = {"workers": workers} if workers > 1 else {}
     wait_conf = (f"while [ ! -s {workdir}/stunnel-client.conf ]; do sleep 0.1; done; "
                  f"exec {STUNNEL} {workdir}/stunnel-client.conf")
     docs: list[dict[str, Any]] = [
         {"apiVersion": "nodeproxy.io/v1alpha1", "kind": "Lab", "metadata": {"name": "bench"},
-         "spec": {"nodes": [{"name": "node-a"}, {"name": "node-b"}]}},
+         "spec": {"nodes": [{"name": "node-a", **node_extra},
+                            {"name": "node-b", **node_extra}]}},
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": "mesh", "labels": {"nodeproxy.io/dataplane-mode": "ambient"}}},
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "plain"}},
@@ -344,8 +347,10 @@ class Pod:
 class BenchLab:
     """A lab at its own directory and netns prefix, driven through the `nodeproxy lab` CLI."""
 
-    def __init__(self, lab_dir: Path, prefix: str, workdir: Path, l7: bool = False) -> None:
+    def __init__(self, lab_dir: Path, prefix: str, workdir: Path, l7: bool = False,
+                 workers: int = 1) -> None:
         self.lab_dir, self.prefix, self.workdir, self.l7 = lab_dir, prefix, workdir, l7
+        self.workers = workers  # node proxy worker processes (their CPU and RSS count whole)
         self.env = {**os.environ, "NODEPROXY_LAB_DIR": str(lab_dir),
                     "NODEPROXY_LAB_PREFIX": prefix}
         self.pods: dict[str, Pod] = {}
@@ -387,7 +392,7 @@ class BenchLab:
         for stale in ("stunnel-client.conf", "haproxy.cfg"):
             (self.workdir / stale).unlink(missing_ok=True)
         lab_file = self.workdir / "bench-lab.yaml"
-        lab_file.write_text(lab_yaml(self.workdir, self.l7))
+        lab_file.write_text(lab_yaml(self.workdir, self.l7, self.workers))
         return lab_file
 
     # -- lifecycle ----------------------------------------------------------------------------

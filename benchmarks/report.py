@@ -360,7 +360,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{v}" for v in mc["tools"].values()),
         f"- mode `{results['mode']}`: {results['settings']['seconds']:g} s per run, "
         f"median of {results['settings']['reps']} repetition(s), paths interleaved; "
-        f"idle connections held: {', '.join(map(str, results['settings']['idle_conns']))}",
+        f"idle connections held: {', '.join(map(str, results['settings']['idle_conns']))}; "
+        f"node proxy worker processes: {results['settings'].get('node_proxy_workers', 1)}",
         "- ↑ higher is better, ↓ lower is better. Ratios are the mesh's figure divided by the "
         "baseline's. Unless a case says otherwise, proxy CPU and memory count the two node "
         "proxies of the path (client side on node-a, server side on node-b), or the two "

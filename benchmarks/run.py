@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
                    default=Path(os.environ.get("BENCH_LAB_DIR", "/run/nodeproxy-bench")))
     p.add_argument("--prefix", default=os.environ.get("BENCH_LAB_PREFIX", "npb-"))
     p.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    p.add_argument("--workers", type=int, default=1,
+                   help="node proxy worker processes per node (nodeproxy ztunnel --workers)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         "date": report.now(),
         "mode": mode.name,
         "settings": {"seconds": mode.seconds, "reps": mode.reps,
-                     "idle_conns": list(mode.idle_conns), "concurrency": mode.concurrency},
+                     "idle_conns": list(mode.idle_conns), "concurrency": mode.concurrency,
+                     "node_proxy_workers": args.workers},
         "machine": report.machine(),
         "cases": [],
     }
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="nodeproxy-bench-"))
         # the L7 case's namespace, gateway and haproxy only when it runs
         lab = BenchLab(args.lab_dir, args.prefix, workdir,
-                       l7=any(c.name == "l7-gateway" for c in runnable))
+                       l7=any(c.name == "l7-gateway" for c in runnable), workers=args.workers)
         try:
             t0 = time.monotonic()
             try:

@@ -3,6 +3,12 @@
 The sockets are created on a worker thread that has entered the pod netns; once bound they stay
 in that namespace, and the trio tasks that accept on them run like any others. Stopping a pod
 proxy closes its listeners and cancels its connections.
+
+The listeners carry SO_REUSEPORT (``ztunnel.sockets.listener``): the workers of
+``nodeproxy ztunnel --workers N`` each bind all three in every pod netns and the kernel spreads
+new connections over them. That needs nothing else: SO_ORIGINAL_DST is read from the accepted
+socket (conntrack), and the IP_TRANSPARENT upstream sockets are ordinary connected sockets of
+whichever worker made them, found by the app's replies through their 4-tuple.
 """
 
 from __future__ import annotations
@@ -91,6 +97,27 @@ class SocketStock:
             self._stock.pop().close()
 
 
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def migrate_requests() -> bool:
+    """Let the kernel move connections queued on a closing listener to another listener of
+    its SO_REUSEPORT group (``net.ipv4.tcp_migrate_req``, Linux >= 5.14, per netns).
+
+    With several workers sharing a pod's listeners, a worker that drains or dies would
+    otherwise reset the connections waiting in its accept queue. Call it on a thread inside
+    the pod netns (``/proc/sys/net`` is the opening thread's netns). Best-effort: False when
+    the kernel lacks it.
+    """
+    try:
+        with open(MIGRATE_REQ, "w") as f:
+            f.write("1")
+        return True
+    except OSError as exc:
+        log.debug("%s not set: %s", MIGRATE_REQ, exc)
+        return False
+
+
 class PodProxy:
     def __init__(
         self,
@@ -130,7 +157,11 @@ class PodProxy:
     async def start(self, proxy: NodeProxy, nursery: trio.Nursery) -> None:
         """Bind the three listeners in the pod netns (errors raise: the agent is nacked)."""
 
+        shared = getattr(proxy, "shared_listeners", False)
+
         def bind_all():
+            if shared:
+                migrate_requests()
             socks = []
             try:
                 for port in (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT):

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import trio
 
 from nodeproxy.certmanager import CertificateManager
 from nodeproxy.discovery import DiscoveryClient, TokenFile
+from nodeproxy.inpod_protocol import ChannelClosed, ProtocolError
 from nodeproxy.model import MeshState, Workload
 from nodeproxy.telemetry.metrics import ProxyMetrics
 from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
@@ -30,7 +32,7 @@ from ztunnel import hostmode
 from ztunnel.hbone.connection import LargeReadStream
 from ztunnel.hbone.pool import HbonePool, PoolKey, client_tls
 from ztunnel.inbound import admission
-from ztunnel.inpod.channel import PodInfo, run_channel
+from ztunnel.inpod.channel import PodInfo, run_channel, serve_agent_connection
 from ztunnel.podproxy import PodProxy
 from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters
@@ -134,6 +136,8 @@ class NodeProxy:
         self._sources: dict[str, PodProxy] = {}
         self._nursery: trio.Nursery | None = None
         self._seen_since_hello: set[str] = set()
+        # a worker of `--workers N`: the pod listeners are shared with the other workers
+        self.shared_listeners = False
 
     @property
     def state(self) -> MeshState:
@@ -308,8 +312,12 @@ class NodeProxy:
         metrics: str,
         ready: str,
         drain_seconds: float = 20.0,
+        worker: tuple[int, int] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Serve until SIGTERM. ``worker`` = (index, fd of the supervisor's channel): this
+        process is one worker of ``--workers N`` (``ztunnel.workers``) and takes its pods from
+        the supervisor instead of the node agent."""
         from nodeproxy.telemetry.server import readiness_route
 
         async with trio.open_nursery() as nursery:
@@ -317,17 +325,64 @@ class NodeProxy:
             await nursery.start(self.discovery.run)
             nursery.start_soon(self.certs.run)
             await nursery.start(self.pool.run)
-            await nursery.start(serve_http, admin, self.admin_routes())
-            await nursery.start(serve_http, metrics, self.metrics_routes())
-            await nursery.start(
-                serve_http, ready, {"/healthz/ready": readiness_route(self.readiness)}
-            )
+            ports = {
+                "admin": await nursery.start(serve_http, admin, self.admin_routes()),
+                "metrics": await nursery.start(serve_http, metrics, self.metrics_routes()),
+                "ready": await nursery.start(
+                    serve_http, ready, {"/healthz/ready": readiness_route(self.readiness)}
+                ),
+            }
             nursery.start_soon(self.follow_state)
-            if agent_socket is not None:  # None: host mode (ztunnel.hostmode), no node agent
+            if worker is not None:
+                self.shared_listeners = True
+                nursery.start_soon(self._serve_supervisor, worker, ports, nursery, drain_seconds)
+            elif agent_socket is not None:  # None: host mode (ztunnel.hostmode), no node agent
                 await nursery.start(run_channel, agent_socket, self)
             nursery.start_soon(self._on_signals, nursery, drain_seconds)
             nursery.start_soon(self._trim_periodically)
             task_status.started()
+
+    async def _serve_supervisor(
+        self,
+        worker: tuple[int, int],
+        ports: dict[str, int],
+        nursery: trio.Nursery,
+        drain_seconds: float,
+    ) -> None:
+        """A worker's channel to its supervisor: once the mesh state is here (a worker joining
+        the pods' listeners takes connections at once), report the telemetry ports, then serve
+        the node agent protocol. The channel's end means the supervisor is gone: drain, exit."""
+        from ztunnel import workers
+
+        index, fd = worker
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        with sock:
+            try:
+                await self._wait_state_or_eof(sock)
+                await sock.send(workers.encode_report(index, ports))
+                await serve_agent_connection(sock, self)
+            except (ProtocolError, OSError) as exc:
+                log.warning("worker %d: supervisor channel ended (%s): shutting down", index, exc)
+        await self.drain(drain_seconds)
+        nursery.cancel_scope.cancel()
+
+    async def _wait_state_or_eof(self, sock: trio.socket.SocketType) -> None:
+        """Wait for the mesh state; ChannelClosed if the supervisor goes away meanwhile (it
+        sends nothing before our report, so the socket turning readable is its end)."""
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                await trio.lowlevel.wait_readable(sock)
+                gone = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await self.discovery.ready.wait()
+            nursery.cancel_scope.cancel()
+        if gone:
+            raise ChannelClosed("the supervisor closed the channel")
 
     async def _trim_periodically(self) -> None:
         """Return freed C-heap pages to the OS now and then (a few ms for a ~30 MB heap)."""
@@ -346,6 +401,18 @@ class NodeProxy:
                 return
 
 
+def check_worker_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--workers``: 1..64, not with host mode; a worker (``--worker-fd``) has no agent."""
+    from ztunnel.workers import MAX_WORKERS
+
+    if not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers must be between 1 and {MAX_WORKERS}")
+    if args.workers > 1 and args.host_mode:
+        parser.error("--workers > 1 is not supported with --host-mode (one process per VM)")
+    if args.worker_fd is not None and (args.workers > 1 or args.host_mode):
+        parser.error("--worker-fd is set by the supervisor of --workers N only")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nodeproxy ztunnel", description=__doc__)
     parser.add_argument("--node", required=True)
@@ -360,11 +427,21 @@ def main(argv: list[str]) -> int:
         "--drain-seconds", type=float, default=20.0,
         help="on SIGTERM, how long live connections may take to finish",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="worker processes sharing the pod listeners (SO_REUSEPORT); 1 = this process "
+             "serves everything",
+    )
+    # set by the supervisor of --workers N on each worker's command line
+    parser.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     hostmode.add_arguments(parser)
     args = parser.parse_args(argv)
     hostmode.check_arguments(parser, args)
+    check_worker_arguments(parser, args)
+    who = f" [worker {args.worker_index}]" if args.worker_fd is not None else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"
     )
     try:
         roots = args.ca_root.read_bytes()
@@ -375,6 +452,10 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"nodeproxy ztunnel: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        from ztunnel import workers
+
+        workers.exec_supervisor(argv)  # does not return
     discovery = DiscoveryClient(args.controlplane, roots, token)
     # keys and chain checks in a short-lived helper: cryptography never loads in this process
     certs = CertificateManager(discovery.sign, roots, isolate_crypto=True)
@@ -389,6 +470,8 @@ def main(argv: list[str]) -> int:
                 metrics=args.metrics,
                 ready=args.ready,
                 drain_seconds=args.drain_seconds,
+                worker=(args.worker_index, args.worker_fd) if args.worker_fd is not None
+                else None,
             )
         )
     except KeyboardInterrupt:

@@ -89,6 +89,7 @@ def component_specs(spec: LabSpec, paths: LabPaths) -> list[ComponentSpec]:
                     "--agent-socket", str(paths.ztunnel_socket(n.name)),
                     # drain within the supervisor's stop grace (5 s) before it kills
                     "--drain-seconds", "3",
+                    *(["--workers", str(n.workers)] if n.workers > 1 else []),
                 ),
                 n.name,
             )

@@ -46,6 +46,7 @@ class LabSpecError(ValueError):
 class Node:
     name: str
     index: int
+    workers: int = 1  # the node proxy's worker processes (`nodeproxy ztunnel --workers`)
 
     @property
     def underlay_ip(self) -> str:
@@ -335,7 +336,12 @@ def parse_lab(text: str, source: str = "lab file") -> LabSpec:
             raise LabSpecError(f"{source}: Lab spec.nodes[{i}].name {name!r} is not a DNS label")
         if any(x.name == name for x in nodes):
             raise LabSpecError(f"{source}: duplicate node {name}")
-        nodes.append(Node(name, i))
+        workers = n.get("workers", 1)
+        if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64:
+            raise LabSpecError(
+                f"{source}: Lab spec.nodes[{i}].workers must be an integer from 1 to 64"
+            )
+        nodes.append(Node(name, i, workers))
     mesh = spec.get("mesh", True)
     if not isinstance(mesh, bool):
         raise LabSpecError(f"{source}: Lab spec.mesh must be true or false")
