@@ -1,18 +1,21 @@
-"""HTTP/2 over a trio stream (h2): the gateway's server side and its upstream client side.
+"""HTTP/2 over a trio stream: the gateway's server side and its upstream client side.
 
-One :class:`H2Connection` drives one h2 state machine: a reader task feeds bytes to h2 and
-dispatches events to :class:`H2Stream` objects; one writer task is the only caller of
-``send_all`` (trio allows one sender). Other tasks change h2 state synchronously and then wait
-until the writer has written what was queued (:meth:`H2Connection._flush`).
+The protocol is our own sans-IO engine (:class:`ztunnel.hbone.frames.H2Engine`, shared with
+HBONE; the ``h2`` library cost ≈ 2x more CPU per request). One :class:`H2Connection` drives one
+engine: a reader task feeds it bytes and dispatches its events to :class:`H2Stream` objects;
+one writer task is the only caller of ``send_all`` (trio allows one sender). Other tasks change
+engine state synchronously and then wait until the writer has written what was queued
+(:meth:`H2Connection._flush`).
 
 Flow control is back-pressure: received DATA is acknowledged to the peer only when the
 consumer takes it (:meth:`H2Stream.receive_data`), and senders wait for window.
 
-Server-side protections: the advertised ``MAX_CONCURRENT_STREAMS`` (h2 enforces it) plus a cap
-on handler tasks still running for streams h2 already considers closed; a count of the
-client's RST_STREAMs per time window, past which the connection is closed with GOAWAY
-ENHANCE_YOUR_CALM (the "rapid reset" attack, CVE-2023-44487). Protocol errors are answered
-by h2 with a GOAWAY carrying the right error code, then the connection is closed.
+Protections: the advertised ``MAX_CONCURRENT_STREAMS`` (the engine refuses streams beyond
+it) plus, server side, a cap on handler tasks still running for streams already closed; the
+engine's flood limits (:class:`H2Config` ``max_resets`` per ``reset_window``: "rapid reset",
+CVE-2023-44487; PINGs, SETTINGS, empty frames), past which the connection is closed with
+GOAWAY(ENHANCE_YOUR_CALM). Protocol errors are answered by the engine with a GOAWAY or
+RST_STREAM carrying the RFC 9113 code; a connection error closes the connection.
 """
 
 from __future__ import annotations
@@ -23,20 +26,26 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
 import hpack
+import hpack.table
 import trio
-from h2.errors import ErrorCodes
 
-from ztunnel.hbone.protocol import install_data_repr_workaround
+from ztunnel.hbone.frames import (
+    DataReceived,
+    EndOfStream,
+    ErrorCode,
+    FloodLimits,
+    GoAway,
+    H2ConnectionError,
+    H2Engine,
+    H2Error,
+    HeadersReceived,
+    Setting,
+    StreamReset,
+    WindowChanged,
+)
 
 log = logging.getLogger(__name__)
-
-install_data_repr_workaround()
 
 RECEIVE_CHUNK = 64 * 1024
 # a sender that does not wait for each write (``wait=False``) still waits once this much
@@ -53,9 +62,18 @@ class H2Config:
     stream_window: int = 1024 * 1024
     connection_window: int = 4 * 1024 * 1024
     max_header_list_size: int = 64 * 1024
-    # rapid reset: more than ``max_resets`` client RST_STREAMs within ``reset_window`` s
-    max_resets: int = 200
+    # flood limits within ``reset_window`` s (None: unlimited). Rapid reset: streams the
+    # peer reset, or that we reset because of it (malformed, refused).
+    max_resets: int | None = 200
     reset_window: float = 10.0
+    max_pings: int | None = 1000
+    max_settings: int | None = 100
+    max_empty_frames: int | None = 1000
+
+    def flood_limits(self) -> FloodLimits:
+        return FloodLimits(window=self.reset_window, resets=self.max_resets,
+                           pings=self.max_pings, settings=self.max_settings,
+                           empty=self.max_empty_frames)
 
 
 class StreamError(Exception):
@@ -68,12 +86,8 @@ class StreamError(Exception):
         self.refused = refused
 
 
-def _text(v: bytes | str) -> str:
-    return v.decode("latin-1") if isinstance(v, bytes | bytearray) else v
-
-
 def _decode(headers: list[tuple[bytes, bytes]]) -> Headers:
-    return [(_text(n), _text(v)) for n, v in headers]
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
 
 
 _BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z]")
@@ -81,14 +95,81 @@ _BAD_VALUE = re.compile(r"[\x00\r\n]")
 _CONNECTION_SPECIFIC = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
 
+# RFC 7541 Appendix A
+_STATIC_FIELD: dict[tuple[str, str], int] = {}
+_STATIC_NAME: dict[str, int] = {}
+for _i, (_n, _v) in enumerate(hpack.table.HeaderTable.STATIC_TABLE, start=1):
+    _STATIC_FIELD.setdefault((_n.decode(), _v.decode()), _i)
+    _STATIC_NAME.setdefault(_n.decode(), _i)
+_FIELD_CACHE_MAX = 4096
 
-def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """Headers as we send them, checked here (RFC 9113 §8.2): h2's own outbound validation
-    and normalisation are off, they cost more than the rest of sending a response."""
-    out = []
-    for n, v in headers:
-        n = n.lower()
-        v = v.strip(" \t")
+
+def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 §5.1) with ``first``'s high bits above the prefix."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([first | value])
+    out = bytearray([first | limit])
+    value -= limit
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_str(raw: bytes) -> bytes:
+    return _hpack_int(len(raw), 7, 0) + raw  # no Huffman coding
+
+
+class _StatelessEncoder:
+    """HPACK that never uses the dynamic table: an exact static-table match is one index,
+    anything else a literal "without indexing" (RFC 7541 §6.1, §6.2.2), never Huffman coded.
+
+    A field's encoding then depends only on the field, so it is cached: the repeated fields of
+    responses (content-type, server…) cost a dict lookup, where hpack's encoder searched and
+    grew its table for every field (≈ a tenth of the gateway's CPU per HTTP/2 request). The
+    wire form is a little larger; any decoder accepts it. Fields are checked as RFC 9113 §8.2
+    wants (names lower-cased, no connection-specific ones, no CR/LF/NUL in values).
+
+    The dynamic table is declared empty (size update to 0) in the first block, and again
+    after the peer changes SETTINGS_HEADER_TABLE_SIZE (the engine sets
+    :attr:`header_table_size`), which some decoders insist on."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], bytes] = {}
+        self._size_update = True
+
+    @property
+    def header_table_size(self) -> int:
+        return 0
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        self._size_update = True
+
+    def encode(self, headers: Headers) -> bytes:
+        """The header block; ValueError for a field HTTP/2 does not allow."""
+        cache = self._cache
+        parts = []
+        if self._size_update:
+            self._size_update = False
+            parts.append(b"\x20")  # dynamic table size update: 0
+        for name, value in headers:
+            key = (name, value)
+            enc = cache.get(key)
+            if enc is None:
+                enc = self._field(name, value)
+                if len(cache) >= _FIELD_CACHE_MAX:
+                    cache.clear()
+                cache[key] = enc
+            parts.append(enc)
+        return b"".join(parts)
+
+    @staticmethod
+    def _field(name: str, value: str) -> bytes:
+        n = name.lower()
+        v = value.strip(" \t")
         bare = n[1:] if n[:1] == ":" else n
         if not bare or _BAD_NAME.search(bare):
             raise ValueError(f"invalid header name {n!r}")
@@ -96,16 +177,17 @@ def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
             raise ValueError(f"invalid value for header {n!r}")
         if bare in _CONNECTION_SPECIFIC or (bare == "te" and v.lower() != "trailers"):
             raise ValueError(f"connection-specific header {n!r}")
-        out.append((n.encode("latin-1"), v.encode("latin-1")))
-    return out
-
-
-class _PlainEncoder(hpack.Encoder):
-    """HPACK without Huffman coding: hpack's coder (and h2's decoder) is pure Python, per
-    character; any decoder accepts plain literals (RFC 7541 §5.2)."""
-
-    def encode(self, headers, huffman: bool = False) -> bytes:  # type: ignore[no-untyped-def,override]
-        return super().encode(headers, huffman=False)
+        index = _STATIC_FIELD.get((n, v))
+        if index is not None:
+            return _hpack_int(index, 7, 0x80)
+        try:
+            raw_value = v.encode("latin-1")
+            index = _STATIC_NAME.get(n)
+            if index is not None:
+                return _hpack_int(index, 4, 0x00) + _hpack_str(raw_value)
+            return b"\x00" + _hpack_str(n.encode("latin-1")) + _hpack_str(raw_value)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"header {n!r} not encodable as latin-1") from e
 
 
 class H2Stream:
@@ -115,12 +197,13 @@ class H2Stream:
         self.conn = conn
         self.id = stream_id
         self.headers: Headers | None = None  # request (server) / final response (client)
+        self.status = 0  # client: the final response's status
         self.trailers: Headers | None = None
         self.ended = False  # the peer's END_STREAM was received
         self.reset_code: int | None = None
         self.refused = False
         self.sent_end = False
-        self._data: deque[tuple[bytes, int]] = deque()
+        self._data: deque[bytes] = deque()
         self._lot = trio.lowlevel.ParkingLot()
         self.cancel_scope = trio.CancelScope()  # the server handler's
 
@@ -134,15 +217,15 @@ class H2Stream:
     def _on_reset(self, code: int, refused: bool = False) -> None:
         if self.reset_code is None:
             self.reset_code = code
-            self.refused = refused or code == ErrorCodes.REFUSED_STREAM
+            self.refused = refused or code == ErrorCode.REFUSED_STREAM
         if self.ended:
             # the peer's message was complete before the reset (a server that answered
             # before reading the whole request resets it with NO_ERROR, RFC 9113 §8.1, as
             # gRPC servers do): what was received stays readable, only sending stops
             self._wake()
             return
-        for _, flow in self._data:
-            self.conn._ack(self.id, flow)
+        for data in self._data:
+            self.conn._ack(self.id, len(data))
         self._data.clear()
         self._wake()
 
@@ -178,8 +261,8 @@ class H2Stream:
     def receive_data_nowait(self) -> bytes | None:
         """As :meth:`receive_data` when that would not wait; else None."""
         if self._data:
-            data, flow = self._data.popleft()
-            self.conn._ack(self.id, flow)  # only now may the peer send more
+            data = self._data.popleft()
+            self.conn._ack(self.id, len(data))  # only now may the peer send more
             return data
         if self.ended:
             return b""
@@ -191,8 +274,9 @@ class H2Stream:
         """Queue HEADERS; ``wait``: until written (else the writer is only woken)."""
         self._check()
         try:
-            self.conn._h2.send_headers(self.id, _encode(headers), end_stream=end_stream)
-        except (h2.exceptions.ProtocolError, ValueError) as e:
+            conn = self.conn
+            conn._e.send_header_block(self.id, conn._encoder.encode(headers), end_stream)
+        except (H2Error, ValueError) as e:
             raise StreamError(f"cannot send headers: {e}") from e
         if end_stream:
             self.sent_end = True
@@ -203,33 +287,35 @@ class H2Stream:
         """Queue DATA as the windows allow; ``wait``: until written (else only when more
         than :data:`UNWRITTEN_LIMIT` is queued)."""
         conn = self.conn
-        view = memoryview(data)
+        engine = conn._e
+        if type(data) is not bytes:
+            data = bytes(data)
+        total = len(data)
+        pos = 0
         while True:
             self._check()
-            if not view:
+            if pos == total:
                 if end_stream:
                     try:
-                        conn._h2.end_stream(self.id)
-                    except h2.exceptions.ProtocolError as e:
+                        engine.end_stream(self.id)
+                    except H2Error as e:
                         raise StreamError(f"cannot end stream: {e}") from e
                     self.sent_end = True
                     await conn._flush(wait)
                 return
             try:
-                window = conn._h2.local_flow_control_window(self.id)
-            except h2.exceptions.ProtocolError as e:
+                n = engine.send_data(self.id, data if not pos else memoryview(data)[pos:],
+                                     end_stream=end_stream)
+            except H2Error as e:
                 raise StreamError(f"stream not writable: {e}") from e
-            n = min(window, conn._h2.max_outbound_frame_size, len(view))
-            if n <= 0:
+            if not n:
+                if not engine.stream_open(self.id):
+                    raise StreamError(f"stream {self.id} not writable")
                 await conn._window_lot.park()
                 continue
-            last = end_stream and n == len(view)
-            try:
-                conn._h2.send_data(self.id, view[:n].tobytes(), end_stream=last)
-            except h2.exceptions.ProtocolError as e:
-                raise StreamError(f"stream not writable: {e}") from e
-            view = view[n:]
+            pos += n
             conn._unwritten += n
+            last = end_stream and pos == total
             if last:
                 self.sent_end = True
             await conn._flush(wait or conn._unwritten > UNWRITTEN_LIMIT)
@@ -243,18 +329,15 @@ class H2Stream:
         else:
             await self.send_data(b"", end_stream=True, wait=wait)
 
-    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+    def reset(self, code: int = ErrorCode.CANCEL) -> None:
         """Reset unless already closed; synchronous, safe while being cancelled."""
         if self.closed or self.conn.dead_reason is not None:
             self.conn._forget(self)
             return
-        try:
-            self.conn._h2.reset_stream(self.id, code)
-        except h2.exceptions.ProtocolError:
-            pass
+        if self.conn._e.reset_stream(self.id, code):
+            self.conn._kick()
         self._on_reset(code)
         self.conn._forget(self)
-        self.conn._kick()
 
 
 RequestHandler = Callable[[H2Stream], None]
@@ -279,26 +362,37 @@ class H2Connection:
     ) -> None:
         self.transport = transport
         self.client_side = client_side
-        self.config = config or H2Config()
+        self.config = c = config or H2Config()
         self.on_request = on_request
         self.name = name
         self._prefix = prefix
-        cfg = h2.config.H2Configuration(
-            client_side=client_side, header_encoding=None, validate_inbound_headers=True,
-            normalize_inbound_headers=True, validate_outbound_headers=False,
-            normalize_outbound_headers=False,  # done in _encode
+        settings = {
+            Setting.INITIAL_WINDOW_SIZE: c.stream_window,
+            Setting.MAX_HEADER_LIST_SIZE: c.max_header_list_size,
+        }
+        if client_side:
+            settings[Setting.ENABLE_PUSH] = 0
+        else:
+            settings[Setting.MAX_CONCURRENT_STREAMS] = c.max_concurrent_streams
+        self._encoder = _StatelessEncoder()
+        self._e = H2Engine(
+            client_side=client_side,
+            encoder=self._encoder,  # type: ignore[arg-type]  # told of table size changes
+            local_settings=settings,
+            connection_window=c.connection_window,
+            decoder=hpack.Decoder(max_header_list_size=c.max_header_list_size),
+            flood=c.flood_limits(),
+            clock=trio.current_time,
         )
-        self._h2 = h2.connection.H2Connection(config=cfg)
-        self._h2.encoder = _PlainEncoder()
         self.streams: dict[int, H2Stream] = {}
         self.handlers = 0  # server: handler tasks still running
-        self._resets: deque[float] = deque()
         self._pending_seq = 0
         self._written_seq = 0
         self._unwritten = 0  # DATA bytes queued since the writer last took its batch
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._written_lot = trio.lowlevel.ParkingLot()
         self._window_lot = trio.lowlevel.ParkingLot()
+        self._reader_scope = trio.CancelScope()
         self.dead_reason: str | None = None
         self.goaway_received = False
         self.goaway_code: int | None = None  # the code of a GOAWAY we sent
@@ -320,28 +414,28 @@ class H2Connection:
 
     @property
     def peer_max_streams(self) -> int:
-        return self._h2.remote_settings.max_concurrent_streams
+        return self._e.peer_max_concurrent_streams
 
     def _forget(self, stream: H2Stream) -> None:
-        self.streams.pop(stream.id, None)
+        if self.streams.pop(stream.id, None) is not None and self.goaway_received and (
+            not self.streams
+        ):
+            # the peer is going away and the last stream it let finish is done
+            self._die("GOAWAY received and every stream done")
 
     def _ack(self, stream_id: int, n: int) -> None:
         if n <= 0 or self.dead_reason is not None:
             return
-        try:
-            self._h2.acknowledge_received_data(n, stream_id)
-        except (h2.exceptions.ProtocolError, KeyError):
-            # the stream is gone: still give the connection window back
-            try:
-                self._h2.increment_flow_control_window(n)
-            except h2.exceptions.ProtocolError:
-                return
-        self._kick()
+        engine = self._e
+        engine.acknowledge_received_data(stream_id, n)
+        if engine.has_output():  # a WINDOW_UPDATE is due (only every half window)
+            self._kick()
 
     def _die(self, reason: str) -> None:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
+        self._reader_scope.cancel()
         for stream in list(self.streams.values()):
             stream._wake()
             stream.cancel_scope.cancel()
@@ -376,12 +470,13 @@ class H2Connection:
             await self._written_lot.park()
 
     async def _writer_loop(self) -> None:
+        engine = self._e
         while True:
             if self._written_seq == self._pending_seq:
                 await self._writer_lot.park()
                 continue
             seq = self._pending_seq
-            data = self._h2.data_to_send()
+            data = engine.data_to_send()
             self._unwritten = 0
             if data:
                 try:
@@ -398,26 +493,16 @@ class H2Connection:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._h2.initiate_connection()
-                c = self.config
-                settings = {
-                    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: c.stream_window,
-                    h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: c.max_header_list_size,
-                }
-                if not self.client_side:
-                    settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = (
-                        c.max_concurrent_streams)
-                self._h2.update_settings(settings)
-                extra = c.connection_window - self._h2.inbound_flow_control_window
-                if extra > 0:
-                    self._h2.increment_flow_control_window(extra)
+                self._e.initiate()
                 self._started = True
                 nursery.start_soon(self._writer_loop)
                 self._kick()
                 task_status.started()
-                reason = await self._reader_loop()
-                self._die(reason)
-                # let the writer send what is queued (a GOAWAY), briefly
+                reason = None
+                with self._reader_scope:
+                    reason = await self._reader_loop()
+                self._die(reason or "closed")
+                # let the writer send what is queued (a GOAWAY, the last frames), briefly
                 with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
                     await self._drain_writes()
                 nursery.cancel_scope.cancel()
@@ -443,18 +528,25 @@ class H2Connection:
 
     async def _reader_loop(self) -> str:
         data, self._prefix = self._prefix, b""
+        engine = self._e
         while True:
             if data:
                 try:
-                    events = self._h2.receive_data(data)
-                except h2.exceptions.ProtocolError as e:
-                    code = getattr(e, "error_code", ErrorCodes.PROTOCOL_ERROR)
-                    self.goaway_code = int(code)
-                    log.info("HTTP/2 peer %s broke the protocol (code %s): %s",
-                             self.name, code, e)
+                    events = engine.receive_data(data)
+                except H2ConnectionError as e:
+                    self.goaway_code = int(e.error_code)
+                    log.info("HTTP/2 peer %s broke the protocol (%s): %s",
+                             self.name, ErrorCode(e.error_code).name, e)
+                    self._kick()  # the GOAWAY
                     return f"protocol error: {e}"
-                self._dispatch(events)
-                self._kick()
+                except Exception as e:  # a bug of ours: fail closed, this connection only
+                    log.exception("HTTP/2 engine failed on input from %s", self.name)
+                    self.goaway(ErrorCode.INTERNAL_ERROR)
+                    return f"internal error: {e!r}"
+                if events:
+                    self._dispatch(events)
+                if engine.has_output():
+                    self._kick()
                 if self.dead_reason is not None:
                     return self.dead_reason
             try:
@@ -464,99 +556,89 @@ class H2Connection:
             if not data:
                 return "peer closed the connection"
 
-    def _dispatch(self, events: list[h2.events.Event]) -> None:
+    def _dispatch(self, events: list) -> None:
+        streams = self.streams
         for ev in events:
             if self.dead_reason is not None:
-                return  # e.g. closed for too many resets: the rest of the batch is moot
-            if isinstance(ev, h2.events.RequestReceived):
-                self._on_request(ev)
-            elif isinstance(ev, h2.events.ResponseReceived):
-                s = self.streams.get(ev.stream_id)
-                if s is not None:
-                    s.headers = _decode(ev.headers)
-                    s._wake()
-            elif isinstance(ev, h2.events.InformationalResponseReceived):
-                pass  # 1xx: nothing to pass on (100-continue is handled per hop)
-            elif isinstance(ev, h2.events.DataReceived):
-                s = self.streams.get(ev.stream_id)
-                flow = ev.flow_controlled_length
+                return
+            kind = type(ev)
+            if kind is DataReceived:
+                s = streams.get(ev.stream_id)
                 if s is None or s.reset_code is not None:
-                    self._ack(ev.stream_id, flow)
+                    self._ack(ev.stream_id, len(ev.data))
                 else:
-                    if ev.data:
-                        s._data.append((ev.data, flow))
-                    else:
-                        self._ack(ev.stream_id, flow)  # padding only
+                    s._data.append(ev.data)
                     s._wake()
-            elif isinstance(ev, h2.events.TrailersReceived):
-                s = self.streams.get(ev.stream_id)
-                if s is not None:
-                    s.trailers = _decode(ev.headers)
-            elif isinstance(ev, h2.events.StreamEnded):
-                s = self.streams.get(ev.stream_id)
+            elif kind is HeadersReceived:
+                if ev.trailers:
+                    s = streams.get(ev.stream_id)
+                    if s is not None:
+                        s.trailers = _decode(ev.headers)
+                elif self.client_side:
+                    s = streams.get(ev.stream_id)
+                    if s is not None:
+                        s.headers = _decode(ev.headers)
+                        s.status = ev.status
+                        s._wake()
+                else:
+                    self._on_request(ev)
+            elif kind is EndOfStream:
+                s = streams.get(ev.stream_id)
                 if s is not None:
                     s.ended = True
                     s._wake()
                     if s.closed:
                         self._forget(s)
-            elif isinstance(ev, h2.events.StreamReset):
-                s = self.streams.get(ev.stream_id)
+            elif kind is StreamReset:
+                s = streams.get(ev.stream_id)
                 if s is not None:
                     s._on_reset(ev.error_code)
                     s.cancel_scope.cancel()
                     self._forget(s)
-                if ev.remote_reset and not self.client_side:
-                    self._count_reset()
-            elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                    self._window_lot.unpark_all()  # a sender waiting for window: it is over
+            elif kind is WindowChanged:
                 self._window_lot.unpark_all()
-            elif isinstance(ev, h2.events.ConnectionTerminated):
+            elif kind is GoAway:
                 self._on_goaway(ev)
-
-    def _count_reset(self) -> None:
-        now = trio.current_time()
-        window = self.config.reset_window
-        self._resets.append(now)
-        while self._resets and self._resets[0] < now - window:
-            self._resets.popleft()
-        if len(self._resets) > self.config.max_resets and self.dead_reason is None:
-            log.warning("HTTP/2 peer %s reset %d streams in %.0f s: closing (rapid reset)",
-                        self.name, len(self._resets), window)
-            self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
-            self._die("too many stream resets")
+            # PingAcked: nothing to do; 1xx responses are not asked for
 
     def goaway(self, code: int) -> None:
         """Queue a GOAWAY (the writer sends it before the connection closes)."""
         self.goaway_code = int(code)
-        try:
-            self._h2.close_connection(error_code=code)
-        except h2.exceptions.ProtocolError:
-            pass
+        self._e.send_goaway(code)
         self._kick()
 
-    def _on_goaway(self, ev: h2.events.ConnectionTerminated) -> None:
+    def _on_goaway(self, ev: GoAway) -> None:
         self.goaway_received = True
-        last = ev.last_stream_id if ev.last_stream_id is not None else 0
+        last = ev.last_stream_id
+        failed = ev.error_code != ErrorCode.NO_ERROR
         for s in list(self.streams.values()):
             refused = self.client_side and s.id > last
-            if refused or ev.error_code != ErrorCodes.NO_ERROR or s.headers is None:
-                # h2 accepts no more frames after a GOAWAY: unfinished streams cannot end
-                s._on_reset(ErrorCodes.REFUSED_STREAM if refused else int(ev.error_code),
+            if refused or failed:
+                # above last_stream_id: never processed (the engine dropped it); after an
+                # error GOAWAY nothing more arrives
+                s._on_reset(ErrorCode.REFUSED_STREAM if refused else int(ev.error_code),
                             refused=refused)
-        self._die(f"GOAWAY received (code {ev.error_code})")
+                s.cancel_scope.cancel()
+                self.streams.pop(s.id, None)
+        if failed:
+            self._die(f"GOAWAY received (code {ev.error_code})")
+        elif not self.streams:
+            self._die("GOAWAY received")
+        # else: a graceful GOAWAY lets the streams below last_stream_id finish (_forget)
 
-    def _on_request(self, ev: h2.events.RequestReceived) -> None:
+    def _on_request(self, ev: HeadersReceived) -> None:
         if self.client_side or self.on_request is None or (
             self.handlers >= self.config.max_concurrent_streams
         ):
-            # (h2 counts only open streams; reset ones whose work still runs count here)
-            try:
-                self._h2.reset_stream(ev.stream_id, ErrorCodes.REFUSED_STREAM)
-            except h2.exceptions.ProtocolError:
-                pass
+            # (the engine counts only open streams; reset ones whose work still runs count
+            # here)
+            if self._e.reset_stream(ev.stream_id, ErrorCode.REFUSED_STREAM):
+                self._kick()
             return
         s = H2Stream(self, ev.stream_id)
         s.headers = _decode(ev.headers)
-        if ev.stream_ended is not None:
+        if ev.ended:
             s.ended = True
         self.streams[ev.stream_id] = s
         self.on_request(s)
@@ -567,22 +649,21 @@ class H2Connection:
         if not self.usable:
             raise StreamError(f"connection not usable ({self.dead_reason or 'GOAWAY'})",
                               refused=True)
+        engine = self._e
         try:
-            sid = self._h2.get_next_available_stream_id()
-        except h2.exceptions.NoAvailableStreamIDError as e:
-            raise StreamError("no stream ids left", refused=True) from e
+            sid = engine.get_next_available_stream_id()
+            block = self._encoder.encode(headers)
+            head = any(n == ":method" and v == "HEAD" for n, v in headers)
+            engine.send_header_block(sid, block, end_stream, head=head)
+        except (H2Error, ValueError) as e:
+            raise StreamError(f"cannot send request headers: {e}", refused=True) from e
         s = H2Stream(self, sid)
         self.streams[sid] = s
-        try:
-            self._h2.send_headers(sid, _encode(headers), end_stream=end_stream)
-        except (h2.exceptions.ProtocolError, ValueError) as e:
-            self._forget(s)
-            raise StreamError(f"cannot send request headers: {e}", refused=True) from e
         s.sent_end = end_stream
         await self._flush()
         return s
 
-    async def aclose(self, code: int = ErrorCodes.NO_ERROR) -> None:
+    async def aclose(self, code: int = ErrorCode.NO_ERROR) -> None:
         if self.dead_reason is None and self._started:
             self.goaway(code)
             with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
@@ -615,13 +696,13 @@ async def serve_h2(
                 log.debug("stream %s ended: %s", stream.id, e)
             except Exception:
                 log.exception("HTTP/2 request handler failed")
-                stream.reset(ErrorCodes.INTERNAL_ERROR)
+                stream.reset(ErrorCode.INTERNAL_ERROR)
             finally:
                 conn.handlers -= 1
                 if not stream.closed:
                     # a complete response with the request body unread: NO_ERROR tells the
                     # client to stop sending (RFC 9113 §8.1)
-                    stream.reset(ErrorCodes.NO_ERROR if stream.sent_end else ErrorCodes.CANCEL)
+                    stream.reset(ErrorCode.NO_ERROR if stream.sent_end else ErrorCode.CANCEL)
                 conn._forget(stream)
 
         def on_request(stream: H2Stream) -> None:
@@ -696,7 +777,7 @@ class _Sink:
         await self.abort()
 
     async def abort(self) -> None:
-        self.stream.reset(ErrorCodes.INTERNAL_ERROR)
+        self.stream.reset(ErrorCode.INTERNAL_ERROR)
         await trio.lowlevel.checkpoint()
 
 
@@ -717,11 +798,18 @@ async def serve_http2(
     async def handle(stream: H2Stream) -> None:
         pseudo: dict[str, str] = {}
         regular: Headers = []
+        cookies: list[str] = []
         for n, v in stream.headers or []:
-            if n.startswith(":"):
+            if n[:1] == ":":
                 pseudo[n] = v
+            elif n == "cookie":
+                cookies.append(v)
             else:
                 regular.append((n, v))
+        if cookies:
+            # HTTP/2 may split cookies into crumbs; one header again before they go to an
+            # HTTP/1.1 hop (RFC 9113 §8.2.3)
+            regular.append(("cookie", "; ".join(cookies)))
         method = pseudo.get(":method", "")
         if method == "CONNECT" or ":path" not in pseudo:
             await stream.send_headers([(":status", "405"), ("content-length", "0")],
@@ -741,7 +829,7 @@ async def serve_http2(
             await forwarder.handle(down, req, _Sink(stream))  # type: ignore[attr-defined]
         except ClientGone as e:
             log.debug("HTTP/2 stream %s: client gone: %s", stream.id, e)
-            stream.reset(ErrorCodes.CANCEL)
+            stream.reset(ErrorCode.CANCEL)
 
     return await serve_h2(transport, handle, prefix=prefix, config=config,
                           name=f"{getattr(down, 'src_ip', '?')}")

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import trio
-from h2.errors import ErrorCodes
 
 from l7gateway.http2 import H2Config, H2Connection, H2Stream, StreamError
 from l7gateway.retry import CONNECT_FAILURE, REFUSED_STREAM, RESET
 from nodeproxy.certmanager import CertificateManager
 from ztunnel.endpoints import Endpoint
+from ztunnel.hbone.frames import ErrorCode
 from ztunnel.hbone.pool import HbonePool, PoolKey, client_tls
 from ztunnel.hbone.protocol import HBONE_PORT, HboneError, format_authority
 from ztunnel.sockets import set_keepalive
@@ -533,16 +533,11 @@ class H2Exchange:
             headers = await self.stream.receive_headers()
         except StreamError as e:
             raise AttemptError(REFUSED_STREAM if e.refused else RESET, str(e)) from e
-        status = 0
-        rest: Headers = []
-        for n, v in headers:
-            if n == ":status":
-                status = int(v) if v.isdigit() else 0
-            elif not n.startswith(":"):
-                rest.append((n, v))
-        if not 100 <= status <= 599:
-            raise AttemptError(RESET, f"bad :status from upstream {status}")
         s = self.stream
+        status = s.status  # parsed and checked by the engine (200-599 here: 1xx are skipped)
+        rest: Headers = [(n, v) for n, v in headers if n[:1] != ":"]
+        if not 200 <= status <= 599:
+            raise AttemptError(RESET, f"bad :status from upstream {status}")
         # ended: nothing at all follows the head (trailers after the head are not nothing)
         return ResponseHead(status, rest, ended=s.ended and not s._data and s.trailers is None)
 
@@ -567,7 +562,7 @@ class H2Exchange:
 
     async def finish(self, ok: bool) -> None:
         if not self.stream.closed:
-            self.stream.reset(ErrorCodes.CANCEL)
+            self.stream.reset(ErrorCode.CANCEL)
         self.stream.conn._forget(self.stream)
         await trio.lowlevel.checkpoint()
 

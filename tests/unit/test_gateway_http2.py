@@ -31,10 +31,11 @@ async def grpc_like_server(stream: trio.SocketStream) -> None:
     """Answers every request with its body, then trailers (grpc-status, and the request's
     trailer echoed) — an independent minimal h2 server."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(
-        client_side=False, header_encoding="utf-8"))
+        client_side=False, header_encoding="utf-8", validate_outbound_headers=False))
     conn.initiate_connection()
     bodies: dict[int, bytes] = {}
     trailers: dict[int, dict[str, str]] = {}
+    paths: dict[int, str] = {}
     try:
         await stream.send_all(conn.data_to_send())
         while data := await stream.receive_some(65536):
@@ -55,8 +56,18 @@ async def grpc_like_server(stream: trio.SocketStream) -> None:
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, h2.events.TrailersReceived):
                     trailers[ev.stream_id] = dict(ev.headers)
+                elif isinstance(ev, h2.events.RequestReceived):
+                    paths[ev.stream_id] = dict(ev.headers).get(":path", "")
+                elif isinstance(ev, h2.events.StreamEnded) and paths.get(
+                        ev.stream_id, "").endswith("/Short"):
+                    # content-length says more than the body has: malformed (RFC 9113 §8.1.1)
+                    conn.send_headers(ev.stream_id, [(":status", "200"),
+                                                     ("content-length", "100")])
+                    conn.send_data(ev.stream_id, b"short", end_stream=True)
                 elif isinstance(ev, h2.events.StreamEnded):
                     sid = ev.stream_id
+                    if paths.get(sid, "").endswith("/Hints"):
+                        conn.send_headers(sid, [(":status", "103"), ("link", "</a.css>")])
                     conn.send_headers(sid, [(":status", "200"),
                                             ("content-type", "application/grpc")])
                     conn.send_data(sid, bodies.get(sid, b""))
@@ -196,3 +207,59 @@ async def test_rapid_reset_flood_is_cut_off(nursery):
         # another client on the same HBONE connection is unaffected
         r = await good.request("GET", "/still-fine")
         assert r["headers"][":status"] == "200"
+
+
+async def test_ping_flood_is_cut_off(nursery):
+    state = await _setup(nursery)
+    config = GatewayConfig(h2=H2Config(max_pings=30, reset_window=10.0))
+    async with gateway(state, config=config) as h:
+        conn = await h.connect()
+        good = await _h2_client(h, nursery, conn=conn)
+        t = await h.tunnel(f"{VIP}:80", conn)
+        attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        attacker.initiate_connection()
+        for i in range(100):
+            attacker.ping(b"%08d" % i)
+        try:
+            await t.send_all(attacker.data_to_send())
+        except trio.BrokenResourceError:
+            pass
+        frame = await _goaway_of(t)
+        assert frame is not None and frame.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        r = await good.request("GET", "/still-fine")
+        assert r["headers"][":status"] == "200"
+
+
+async def test_request_body_shorter_than_its_content_length_is_reset(nursery):
+    state = await _setup(nursery)
+    async with gateway(state) as h:
+        c = await _h2_client(h, nursery)
+        sid = await c.send("POST", "/up", headers=[("content-length", "10")], body=b"abc")
+        with trio.fail_after(10):
+            r = await c.wait(sid)
+        assert r.get("reset") == ErrorCodes.PROTOCOL_ERROR and "headers" not in r
+        # the connection goes on
+        r = await c.request("POST", "/up", headers=[("content-length", "3")], body=b"abc")
+        assert json.loads(r["data"])["body_bytes"] == 3
+
+
+async def test_upstream_1xx_is_skipped_and_a_short_body_is_not_passed_off_as_whole(nursery):
+    state = await _setup(nursery)
+    async with gateway(state) as h:
+        c = await _h2_client(h, nursery, f"{GRPC_VIP}:80")
+        r = await c.request("POST", "/pkg.Svc/Hints", body=b"\x00\x00\x00\x00\x01x",
+                            headers=[("content-type", "application/grpc")])
+        assert r["headers"][":status"] == "200" and r["trailers"]["grpc-status"] == "0"
+        sid = await c.send("POST", "/pkg.Svc/Short", body=b"x")
+        with trio.fail_after(10):
+            r = await c.wait(sid)
+        assert "reset" in r or r.get("headers", {}).get(":status") == "502"
+
+
+async def test_cookie_crumbs_are_joined_for_an_http1_backend(nursery):
+    state = await _setup(nursery)
+    async with gateway(state) as h:
+        c = await _h2_client(h, nursery)
+        r = await c.request("GET", "/c", headers=[("cookie", "a=1"), ("x-y", "z"),
+                                                  ("cookie", "b=2")])
+        assert json.loads(r["data"])["headers"]["cookie"] == "a=1; b=2"

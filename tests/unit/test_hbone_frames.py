@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import struct
+from functools import partial
 
 import h2.config
 import h2.connection
@@ -677,3 +678,277 @@ async def test_unwaited_write_still_reports_a_dead_connection() -> None:
             for _ in range(10):
                 await stream.send_all(b"x" * 1000)
                 await trio.sleep(0.01)
+
+
+# -- flood limits (RFC 9113 §10.5) ------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limited_server(clock: FakeClock, **limits: int) -> f.H2Engine:
+    """A bare server engine past the preface, with small flood limits."""
+    engine = f.H2Engine(client_side=False, flood=f.FloodLimits(window=10.0, **limits),
+                        clock=clock)
+    engine.initiate()
+    engine.receive_data(PREFACE + SETTINGS)
+    engine.data_to_send()
+    return engine
+
+
+def get_block(sid: int, encoder: hpack.Encoder) -> bytes:
+    block = encoder.encode([(":method", "GET"), (":scheme", "http"), (":path", "/"),
+                            (":authority", "svc")])
+    return frame(1, 0x4, sid, block)
+
+
+def test_rapid_reset_is_cut_off_with_enhance_your_calm_and_the_window_slides() -> None:
+    clock = FakeClock()
+    server = limited_server(clock, resets=20)
+    enc = hpack.Encoder()
+    rst = struct.pack(">L", E.CANCEL)
+    # 20 request+reset pairs: allowed
+    wire = b"".join(get_block(2 * i + 1, enc) + frame(3, 0, 2 * i + 1, rst) for i in range(20))
+    events = server.receive_data(wire)
+    assert len(of(events, f.StreamReset)) == 20
+    # a window later they no longer count (a steady trickle is fine)
+    clock.now += 25
+    wire = b"".join(get_block(2 * i + 41, enc) + frame(3, 0, 2 * i + 41, rst) for i in range(20))
+    assert len(of(server.receive_data(wire), f.StreamReset)) == 20
+    server.data_to_send()
+    # a burst beyond the limit: GOAWAY(ENHANCE_YOUR_CALM), the connection is over
+    wire = b"".join(get_block(2 * i + 81, enc) + frame(3, 0, 2 * i + 81, rst) for i in range(21))
+    with pytest.raises(f.H2ConnectionError) as e:
+        server.receive_data(wire)
+    assert e.value.error_code == E.ENHANCE_YOUR_CALM
+    assert goaway_code(server.data_to_send()) == E.ENHANCE_YOUR_CALM
+    assert server.closed and server.receive_data(get_block(200, enc)) == []
+
+
+def test_streams_we_reset_for_the_peers_fault_count_as_resets() -> None:
+    server = limited_server(FakeClock(), resets=10)
+    enc = hpack.Encoder()
+    bad = enc.encode([(":method", "GET"), (":path", "/")])  # no :scheme: malformed
+    with pytest.raises(f.H2ConnectionError) as e:
+        server.receive_data(b"".join(frame(1, 0x5, 2 * i + 1, bad) for i in range(11)))
+    assert e.value.error_code == E.ENHANCE_YOUR_CALM
+    wire = server.data_to_send()
+    assert len(rst_codes(wire)) == 11 and goaway_code(wire) == E.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize("kind,one", [
+    ("pings", frame(6, 0, 0, b"12345678")),
+    ("settings", frame(4, 0, 0, struct.pack(">HL", 4, 70000))),
+    ("empty", frame(0, 0, 1, b"")),  # empty DATA without END_STREAM on an open stream
+])
+def test_ping_settings_and_empty_frame_floods_are_cut_off(kind: str, one: bytes) -> None:
+    server = limited_server(FakeClock(), **{kind: 50})
+    server.receive_data(get_block(1, hpack.Encoder()))
+    server.receive_data(one * 49)  # the preface's SETTINGS counted once already: 50 in all
+    assert goaway_code(server.data_to_send()) is None
+    with pytest.raises(f.H2ConnectionError) as e:
+        server.receive_data(one * 2)
+    assert e.value.error_code == E.ENHANCE_YOUR_CALM
+    assert goaway_code(server.data_to_send()) == E.ENHANCE_YOUR_CALM
+    # what was not counted: PING ACKs, SETTINGS ACKs, DATA that ends the stream
+    calm = limited_server(FakeClock(), **{kind: 50})
+    calm.receive_data(get_block(1, hpack.Encoder()) + frame(6, 1, 0, b"12345678") * 100
+                      + frame(4, 1, 0) * 100 + frame(0, 1, 1, b""))
+    assert goaway_code(calm.data_to_send()) is None
+
+
+def test_empty_continuation_flood_is_cut_off() -> None:
+    server = limited_server(FakeClock(), empty=100)
+    block = get_block(1, hpack.Encoder())[9:]
+    with pytest.raises(f.H2ConnectionError) as e:
+        server.receive_data(frame(1, 0, 1, block[:2]) + frame(9, 0, 1, b"") * 1000)
+    assert e.value.error_code == E.ENHANCE_YOUR_CALM
+
+
+def test_hbone_defaults_allow_real_use_but_not_a_flood() -> None:
+    # a keepalive PING every few seconds, a tunnel reset now and then: far below the limits
+    ours, theirs = server_pair()
+    for _ in range(50):
+        sid = h2_connect(theirs)
+        theirs.ping(b"abcdefgh")
+        theirs.reset_stream(sid)
+    mine, _ = pump(ours, theirs)
+    assert len(of(mine, p.StreamReset)) == 50 and not ours.h2.closed
+    # 2,000 PINGs at once (CVE-2019-9512): the connection is cut off
+    with pytest.raises(p.HboneProtocolError, match="ENHANCE_YOUR_CALM"):
+        ours.receive(frame(6, 0, 0, b"12345678") * 2000)
+    assert goaway_code(ours.data_to_send()) == E.ENHANCE_YOUR_CALM
+
+
+async def test_hbone_server_sends_goaway_and_closes_on_a_ping_flood() -> None:
+    from tests.unit.test_hbone_connection import echo_handler
+    from ztunnel.hbone.server import serve_hbone_connection
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(serve_hbone_connection, server_end, echo_handler,
+                                   peer_identity="spiffe://cluster.local/ns/a/sa/b"))
+        raw = h2_peer(client_side=True)
+        for _ in range(1500):
+            raw.ping(b"abcdefgh")
+        await client_end.send_all(raw.data_to_send())
+        got = b""
+        with trio.fail_after(10):
+            while chunk := await client_end.receive_some(65536):
+                got += chunk
+        # the GOAWAY went out, then the server closed the connection
+        codes = [fr.error_code for fr in parsed(got)
+                 if isinstance(fr, hyperframe.frame.GoAwayFrame)]
+        assert codes == [E.ENHANCE_YOUR_CALM]
+        nursery.cancel_scope.cancel()
+
+
+# -- HTTP semantics for the gateway: requests, responses, 1xx, trailers, content-length --------
+
+
+def http_server() -> f.H2Engine:
+    engine = f.H2Engine(client_side=False)
+    engine.initiate()
+    engine.receive_data(PREFACE + SETTINGS)
+    engine.data_to_send()
+    return engine
+
+
+REQUEST = [(":method", "POST"), (":scheme", "https"), (":path", "/x"), (":authority", "svc")]
+
+
+def test_malformed_requests_are_stream_errors_and_good_ones_pass() -> None:
+    server = http_server()
+    enc = hpack.Encoder()
+    bad = {
+        1: [(":scheme", "http"), (":path", "/"), (":authority", "a")],  # no :method
+        3: [(":method", "GET"), (":path", "/"), (":authority", "a")],  # no :scheme
+        5: [(":method", "GET"), (":scheme", "http"), (":authority", "a")],  # no :path
+        7: [(":method", "GET"), (":scheme", "http"), (":path", ""), (":authority", "a")],
+        9: [(":method", "GET"), (":scheme", "http"), (":path", "/")],  # no authority or host
+        11: [*REQUEST[:3], (":authority", "a"), ("host", "b")],  # they differ
+        13: [(":method", "CONNECT"), (":authority", "a:1"), (":path", "/")],
+        15: [(":method", "CONNECT")],
+        17: [(":method", "GET"), (":protocol", "websocket"), *REQUEST[1:]],
+        19: [*REQUEST, ("content-length", "x1")],
+        21: [*REQUEST, ("content-length", "1"), ("content-length", "2")],
+        23: [*REQUEST, ("te", "gzip")],
+        25: [*REQUEST, ("x-bad", "a\r\nb")],
+    }
+    wire = b"".join(frame(1, 0x5, sid, enc.encode(h)) for sid, h in bad.items())
+    good = {
+        27: [(":method", "GET"), (":scheme", "http"), (":path", "/"), ("host", "a")],
+        29: [*REQUEST, ("content-length", "0, 0"), ("te", "trailers")],
+        31: [(":method", "CONNECT"), (":authority", "a:1")],
+    }
+    wire += b"".join(frame(1, 0x5, sid, enc.encode(h)) for sid, h in good.items())
+    events = server.receive_data(wire)
+    assert rst_codes(server.data_to_send()) == [(sid, E.PROTOCOL_ERROR) for sid in bad]
+    assert [e.stream_id for e in of(events, f.HeadersReceived)] == list(good)
+
+
+def test_content_length_must_match_the_data() -> None:
+    server = http_server()
+    enc = hpack.Encoder()
+    cl5 = enc.encode([*REQUEST, ("content-length", "5")])
+    wire = (
+        frame(1, 0x4, 1, cl5) + frame(0, 0, 1, b"abc") + frame(0, 0x1, 1, b"de")  # exact
+        + frame(1, 0x4, 3, cl5) + frame(0, 0, 3, b"abcdef")  # too much
+        + frame(1, 0x4, 5, cl5) + frame(0, 0x1, 5, b"abc")  # too little
+        + frame(1, 0x5, 7, cl5)  # none at all
+        + frame(1, 0x4, 9, cl5) + frame(0, 0, 9, b"abc")
+        + frame(1, 0x5, 9, enc.encode([("x-t", "1")]))  # trailers end it short
+    )
+    events = server.receive_data(wire)
+    assert rst_codes(server.data_to_send()) == [(s, E.PROTOCOL_ERROR) for s in (3, 5, 7, 9)]
+    assert [(e.stream_id, e.data) for e in of(events, f.DataReceived)] == [
+        (1, b"abc"), (1, b"de"), (9, b"abc")]
+    assert of(events, f.EndOfStream) == [f.EndOfStream(1)]
+    # the connection window of refused DATA is handed back at once, of delivered DATA when
+    # it is consumed: none of it is lost
+    for e in of(events, f.DataReceived):
+        server.acknowledge_received_data(e.stream_id, len(e.data))
+    assert server.inbound_flow_control_window + server._conn_unacked == f.DEFAULT_WINDOW
+
+
+def test_client_responses_1xx_head_204_and_status_checks() -> None:
+    client = f.H2Engine(client_side=True, informational=True)
+    client.initiate()
+    enc = hpack.Encoder()
+    sids = []
+    for method in ("GET", "HEAD", "GET", "GET", "GET", "GET"):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(":method", method), (":scheme", "http"), (":path", "/"),
+                                  (":authority", "a")], end_stream=True)
+        sids.append(sid)
+    client.data_to_send()
+    a, head, no_content, switching, weird, short = sids
+    wire = (frame(4, 0, 0)
+            + frame(1, 0x4, a, enc.encode([(":status", "100")]))
+            + frame(1, 0x4, a, enc.encode([(":status", "103"), ("link", "</s.css>")]))
+            + frame(1, 0x4, a, enc.encode([(":status", "200"), ("content-length", "2")]))
+            + frame(0, 0x1, a, b"ok")
+            + frame(1, 0x5, head, enc.encode([(":status", "200"), ("content-length", "99")]))
+            + frame(1, 0x5, no_content, enc.encode([(":status", "204")]))
+            + frame(1, 0x4, switching, enc.encode([(":status", "101")]))
+            + frame(1, 0x4, weird, enc.encode([(":status", "099")]))
+            + frame(1, 0x5, short, enc.encode([(":status", "200"), ("content-length", "1")])))
+    events = client.receive_data(wire)
+    assert [(e.stream_id, e.status) for e in of(events, f.InformationalReceived)] == [
+        (a, 100), (a, 103)]
+    assert [(e.stream_id, e.status) for e in of(events, f.HeadersReceived)] == [
+        (a, 200), (head, 200), (no_content, 204)]
+    assert of(events, f.DataReceived) == [f.DataReceived(a, b"ok")]
+    assert rst_codes(client.data_to_send()) == [(switching, E.PROTOCOL_ERROR),
+                                                (weird, E.PROTOCOL_ERROR),
+                                                (short, E.PROTOCOL_ERROR)]
+
+
+def test_requests_with_1xx_and_trailers_both_ways_against_h2() -> None:
+    """Our client engine ↔ the h2 library as a server: a request with a body and trailers, a
+    100 Continue, the response with a body and trailers (gRPC's shape)."""
+    ours = f.H2Engine(client_side=True, informational=True)
+    ours.initiate()
+    theirs = h2_peer(client_side=False)
+
+    def exchange() -> tuple[list, list]:
+        mine: list = []
+        peer: list = []
+        while True:
+            a, b = ours.data_to_send(), theirs.data_to_send()
+            if not a and not b:
+                return mine, peer
+            if a:
+                peer += theirs.receive_data(a)
+            if b:
+                mine += ours.receive_data(b)
+
+    exchange()
+    sid = ours.get_next_available_stream_id()
+    ours.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/S/M"),
+                            (b":authority", b"svc"), (b"te", b"trailers"),
+                            (b"content-length", b"5")])
+    ours.send_data(sid, b"hello")
+    ours.send_headers(sid, [(b"x-client-trailer", b"abc")], end_stream=True)
+    _, peer = exchange()
+    (req,) = of(peer, h2.events.RequestReceived)
+    assert dict(req.headers)[b":path"] == b"/S/M"
+    assert of(peer, h2.events.DataReceived)[0].data == b"hello"
+    assert dict(of(peer, h2.events.TrailersReceived)[0].headers) == {b"x-client-trailer": b"abc"}
+    theirs.send_headers(sid, [(":status", "100")])
+    theirs.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+    theirs.send_data(sid, b"world")
+    theirs.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+    mine, _ = exchange()
+    assert [type(e) for e in mine if not isinstance(e, f.WindowChanged)] == [
+        f.InformationalReceived, f.HeadersReceived, f.DataReceived, f.HeadersReceived,
+        f.EndOfStream]
+    final, trailers = of(mine, f.HeadersReceived)
+    assert final.status == 200 and not final.trailers
+    assert trailers.trailers and trailers.headers == [(b"grpc-status", b"0")]
+    assert not ours.stream_open(sid)  # closed both ways

@@ -1,16 +1,23 @@
-"""A lean HTTP/2 engine for HBONE, sans-IO: frames, connection and stream state, flow control.
+"""A lean HTTP/2 engine, sans-IO: frames, connection and stream state, flow control.
 
-HBONE uses a small part of HTTP/2 (RFC 9113): SETTINGS, HEADERS (+CONTINUATION), DATA,
-WINDOW_UPDATE, RST_STREAM, PING and GOAWAY, one CONNECT stream per tunnel. The generic ``h2``
-library cost ≈ 250–300 µs of CPU per stream per end (state machines, event objects, frame
-objects); this engine parses and writes frames directly and keeps only the state HBONE needs,
-while keeping every rule of RFC 9113 that a peer could break: it fails closed with the error
-code the RFC names (GOAWAY for connection errors, RST_STREAM for stream errors).
+Used by HBONE (one CONNECT stream per tunnel) and by the L7 gateway's HTTP/2 (requests,
+responses, 1xx, trailers). The generic ``h2`` library cost ≈ 250–300 µs of CPU per stream per
+end (state machines, event objects, frame objects); this engine parses and writes frames
+directly and keeps only the state those users need, while keeping every rule of RFC 9113 that
+a peer could break: it fails closed with the error code the RFC names (GOAWAY for connection
+errors, RST_STREAM for stream errors), including malformed messages (§8.1.1, §8.2, §8.3:
+pseudo-headers, field syntax, content-length against DATA).
+
+Flood limits (RFC 9113 §10.5): per connection, over a sliding window, the streams the peer
+reset (or that we reset for its fault — "rapid reset", CVE-2023-44487), the PINGs
+(CVE-2019-9512) and SETTINGS (CVE-2019-9515) it sent, and its empty DATA/HEADERS/CONTINUATION
+frames that end nothing (CVE-2019-9518) are counted; past a :class:`FloodLimits` limit the
+connection ends with GOAWAY(ENHANCE_YOUR_CALM).
 
 :class:`H2Engine` is fed bytes with :meth:`~H2Engine.receive_data` and returns events; every
 action queues frames for :meth:`~H2Engine.data_to_send`. Header blocks are (de)compressed with
 the ``hpack`` library; what a header block *means* (CONNECT, status) is up to the caller
-(``protocol.HboneH2``), which gets :class:`HeadersReceived` events.
+(``protocol.HboneH2``, ``l7gateway.http2``), which gets :class:`HeadersReceived` events.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import enum
 import logging
 import re
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import hpack
@@ -127,18 +135,88 @@ def _conn_error(code: int, message: str) -> H2ConnectionError:
 
 
 # --------------------------------------------------------------------------------------------
+# Flood limits (RFC 9113 §10.5)
+
+
+@dataclass(frozen=True, slots=True)
+class FloodLimits:
+    """How much of each costly-but-legal thing a peer may do within ``window`` seconds on one
+    connection before it is cut off with GOAWAY(ENHANCE_YOUR_CALM); None: not limited.
+
+    The defaults are generous enough for any real client (a busy pooled connection resetting
+    its tunnels as applications abort them, keepalive PINGs, a SETTINGS change now and then)
+    and still bound an attacker to a few hundred wasted streams or frames per second."""
+
+    window: float = 10.0
+    #: streams the peer reset, plus those we reset because of the peer (malformed, refused…)
+    resets: int | None = 10_000
+    #: PING frames received (not ACKs)
+    pings: int | None = 1_000
+    #: SETTINGS frames received (not ACKs)
+    settings: int | None = 500
+    #: DATA/HEADERS/CONTINUATION frames without payload that end neither stream nor block
+    empty: int | None = 10_000
+
+
+DEFAULT_FLOOD_LIMITS = FloodLimits()
+_F_RESETS, _F_PINGS, _F_SETTINGS, _F_EMPTY = 0, 1, 2, 3
+
+
+def _limit(limits: FloodLimits, kind: int) -> int | None:
+    return (limits.resets, limits.pings, limits.settings, limits.empty)[kind]
+
+
+class _Rate:
+    """Events in a sliding window, estimated from two fixed buckets (the current one, plus the
+    previous one weighted by the part of it the window still covers): O(1) time and memory
+    per connection, where a deque of timestamps would hold up to ``limit`` floats."""
+
+    __slots__ = ("limit", "window", "start", "cur", "prev")
+
+    def __init__(self, limit: int, window: float, now: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.start = now
+        self.cur = 0
+        self.prev = 0
+
+    def hit(self, now: float) -> bool:
+        """Count one event; True when the estimate is over the limit."""
+        elapsed = now - self.start
+        window = self.window
+        if elapsed >= window:
+            self.prev = self.cur if elapsed < 2 * window else 0
+            self.cur = 0
+            self.start = now - elapsed % window
+            elapsed = now - self.start
+        self.cur += 1
+        return self.cur + self.prev * (1.0 - elapsed / window) > self.limit
+
+
+# --------------------------------------------------------------------------------------------
 # Events (re-exported by ``protocol``)
 
 
 @dataclass(slots=True)
 class HeadersReceived:
     """A complete, well-formed header block opening a stream (request), answering it (final
-    response), or — ``trailers`` — ending it. 1xx responses are not reported."""
+    response, ``status`` parsed), or — ``trailers`` — ending it. 1xx responses are reported
+    as :class:`InformationalReceived` only if the engine was asked to."""
 
     stream_id: int
     headers: list[tuple[bytes, bytes]]
     ended: bool = False
     trailers: bool = False
+    status: int = 0  # a response's :status
+
+
+@dataclass(slots=True)
+class InformationalReceived:
+    """A 1xx response (100 Continue, 103 Early Hints…); a final response follows."""
+
+    stream_id: int
+    headers: list[tuple[bytes, bytes]]
+    status: int
 
 
 @dataclass(slots=True)
@@ -190,30 +268,81 @@ _BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
 
 
 def malformed(headers: list[tuple[bytes, bytes]], *, request: bool, trailers: bool) -> str | None:
-    """Why a received header block is malformed, or None."""
+    """Why a received header block is malformed (RFC 9113 §8.2, §8.3), or None."""
+    return inspect_block(headers, request=request, trailers=trailers)[0]
+
+
+def inspect_block(headers: list[tuple[bytes, bytes]], *, request: bool,
+                  trailers: bool) -> tuple[str | None, int, int]:
+    """Check a received header block: (why it is malformed or None, its content-length or -1,
+    a response's :status or 0)."""
     pseudo_ok = _REQUEST_PSEUDO if request else _RESPONSE_PSEUDO
-    seen: set[bytes] = set()
+    pseudo: dict[bytes, bytes] = {}
     regular = False
+    length = -1
+    host: bytes | None = None
     for name, value in headers:
         if name[:1] == b":":
             if regular or trailers:
-                return f"pseudo-header {name!r} after regular headers or in trailers"
+                return f"pseudo-header {name!r} after regular headers or in trailers", -1, 0
             if name not in pseudo_ok:
-                return f"pseudo-header {name!r} not allowed here"
-            if name in seen:
-                return f"duplicate pseudo-header {name!r}"
-            seen.add(name)
+                return f"pseudo-header {name!r} not allowed here", -1, 0
+            if name in pseudo:
+                return f"duplicate pseudo-header {name!r}", -1, 0
+            pseudo[name] = value
         else:
             regular = True
             if not name or _BAD_NAME.search(name):
-                return f"invalid header name {name!r}"
+                return f"invalid header name {name!r}", -1, 0
             if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
-                return f"connection-specific header {name!r}"
+                return f"connection-specific header {name!r}", -1, 0
+            if name == b"content-length":
+                # one value, or a list of the same value (RFC 9110 §8.6); digits only
+                values = {v.strip() for v in value.split(b",")}
+                v = values.pop()
+                if values or not v.isdigit() or (length >= 0 and int(v) != length):
+                    return f"bad content-length {value!r}", -1, 0
+                length = int(v)
+            elif name == b"host":
+                host = value
         if _BAD_VALUE.search(value):
-            return f"invalid value for header {name!r}"
-    if not request and not trailers and b":status" not in seen:
-        return "response without :status"
-    return None
+            return f"invalid value for header {name!r}", -1, 0
+    if trailers:
+        return None, -1, 0
+    if request:
+        method = pseudo.get(b":method")
+        if method is None:
+            return "request without :method", -1, 0
+        if method == b"CONNECT" and b":protocol" not in pseudo:
+            if b":scheme" in pseudo or b":path" in pseudo:
+                return "CONNECT with :scheme or :path", -1, 0
+            if not pseudo.get(b":authority"):
+                return "CONNECT without :authority", -1, 0
+            return None, length, 0
+        if b":protocol" in pseudo and method != b"CONNECT":
+            return ":protocol without CONNECT", -1, 0
+        if not pseudo.get(b":scheme"):
+            return "request without :scheme", -1, 0
+        if not pseudo.get(b":path"):
+            return "request without :path, or an empty one", -1, 0
+        authority = pseudo.get(b":authority")
+        if pseudo[b":scheme"] in (b"http", b"https"):
+            if authority is None and host is None:
+                return "request without :authority or host", -1, 0
+            if authority == b"" or host == b"":
+                return "empty :authority or host", -1, 0
+        if authority is not None and host is not None and authority != host:
+            return ":authority and host differ", -1, 0
+        return None, length, 0
+    raw = pseudo.get(b":status")
+    if raw is None:
+        return "response without :status", -1, 0
+    if len(raw) != 3 or not raw.isdigit():
+        return f"bad :status {raw!r}", -1, 0
+    status = int(raw)
+    if status < 100 or status == 101:  # HTTP/2 has no 101 (RFC 9113 §8.6)
+        return f"bad :status {raw!r}", -1, 0
+    return None, length, status
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +350,7 @@ def malformed(headers: list[tuple[bytes, bytes]], *, request: bool, trailers: bo
 
 class _Stream:
     __slots__ = ("send_window", "recv_window", "unacked", "local_closed", "remote_closed",
-                 "got_headers", "local")
+                 "got_headers", "local", "left", "head")
 
     def __init__(self, send_window: int, recv_window: int, local: bool) -> None:
         self.send_window = send_window
@@ -231,14 +360,20 @@ class _Stream:
         self.remote_closed = False  # the peer sent END_STREAM
         self.got_headers = False  # request (server) / final response (client) received
         self.local = local  # opened by us
+        # DATA bytes the peer's content-length still announces (-1: no content-length); a
+        # message whose DATA do not add up to it is malformed (RFC 9113 §8.1.1)
+        self.left = -1
+        self.head = False  # client: a HEAD request (its response has no content)
 
 
 class H2Engine:
-    """One HTTP/2 connection, sans-IO, as much of it as HBONE uses.
+    """One HTTP/2 connection, sans-IO.
 
     ``local_settings`` are what :meth:`initiate` announces; they apply at once (they only
     raise the defaults, so a peer that has not yet seen them cannot overrun them).
-    ``connection_window`` is the receive window of the whole connection."""
+    ``connection_window`` is the receive window of the whole connection. ``informational``:
+    report 1xx responses (:class:`InformationalReceived`) instead of skipping them.
+    ``flood`` bounds what the peer may do per ``clock`` window (:class:`FloodLimits`)."""
 
     def __init__(
         self,
@@ -248,8 +383,15 @@ class H2Engine:
         connection_window: int = DEFAULT_WINDOW,
         encoder: hpack.Encoder | None = None,
         decoder: hpack.Decoder | None = None,
+        informational: bool = False,
+        flood: FloodLimits = DEFAULT_FLOOD_LIMITS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client_side = client_side
+        self.informational = informational
+        self.flood = flood
+        self._clock = clock
+        self._meters: list[_Rate | None] | None = None  # per flood kind, made when first hit
         self.local_settings: dict[int, int] = dict(local_settings or {})
         self.remote_settings: dict[int, int] = {
             Setting.HEADER_TABLE_SIZE: 4096,
@@ -370,6 +512,25 @@ class H2Engine:
     def send_headers(self, stream_id: int, headers: Iterable[tuple[bytes | str, bytes | str]],
                      end_stream: bool = False) -> None:
         """Queue a header block (HEADERS + CONTINUATION); opens the stream if it is new."""
+        head = False
+        if self.client_side and stream_id not in self._streams:
+            if type(headers) is not list:
+                headers = list(headers)
+            for name, value in headers:  # :method comes first
+                if name == b":method" or name == ":method":
+                    head = value == b"HEAD" or value == "HEAD"
+                    break
+        self._send_block(stream_id, None, headers, end_stream, head)
+
+    def send_header_block(self, stream_id: int, block: bytes, end_stream: bool = False, *,
+                          head: bool = False) -> None:
+        """:meth:`send_headers` with a block the caller encoded (with :attr:`encoder`, or
+        statelessly); ``head``: it opens a HEAD request (the response has no content)."""
+        self._send_block(stream_id, block, (), end_stream, head)
+
+    def _send_block(self, stream_id: int, block: bytes | None,
+                    headers: Iterable[tuple[bytes | str, bytes | str]], end_stream: bool,
+                    head: bool) -> None:
         self._check_open()
         st = self._streams.get(stream_id)
         if st is None:
@@ -382,12 +543,14 @@ class H2Engine:
             if self._open_local >= self._remote_max_streams:
                 raise H2Error(f"peer allows {self._remote_max_streams} concurrent streams")
             st = _Stream(self._remote_initial_window, self._local_initial_window, True)
+            st.head = head
             self._streams[stream_id] = st
             self._open_local += 1
             self.highest_outbound_stream_id = stream_id
         elif st.local_closed:
             raise StreamClosedError(f"stream {stream_id} already ended")
-        block = self.encoder.encode(headers)
+        if block is None:
+            block = self.encoder.encode(headers)
         flags = END_STREAM if end_stream else 0
         maxf = self.max_outbound_frame_size
         if len(block) <= maxf:
@@ -399,6 +562,10 @@ class H2Engine:
                 self._frame(_T_CONT, END_HEADERS if last else 0, stream_id, block[off : off + maxf])
         if end_stream:
             self._local_end(stream_id, st)
+
+    def stream_open(self, stream_id: int) -> bool:
+        """Whether the stream is open (in either direction) as far as HTTP/2 goes."""
+        return stream_id in self._streams
 
     def local_flow_control_window(self, stream_id: int) -> int:
         """Bytes of DATA we may send on the stream now (0 if it is not writable)."""
@@ -530,6 +697,25 @@ class H2Engine:
         if self._drop(sid) is not None:
             events.append(StreamReset(sid, int(code), remote=False))
         self._remember_reset(sid)
+        self._flooded(_F_RESETS, "stream resets")
+
+    def _flooded(self, kind: int, what: str) -> None:
+        """Count one costly event of ``kind``; a connection error (ENHANCE_YOUR_CALM) when the
+        peer is over its limit."""
+        meters = self._meters
+        if meters is None:
+            meters = self._meters = [None, None, None, None]
+        meter = meters[kind]
+        if meter is None:
+            limit = _limit(self.flood, kind)
+            if limit is None:
+                return
+            meter = meters[kind] = _Rate(limit, self.flood.window, self._clock())
+        if meter.hit(self._clock()):
+            log.warning("HTTP/2 peer over the flood limit: more than %d %s in %g s",
+                        meter.limit, what, meter.window)
+            raise _conn_error(ErrorCode.ENHANCE_YOUR_CALM,
+                              f"more than {meter.limit} {what} in {meter.window:g} s")
 
     def _is_idle(self, sid: int) -> bool:
         """A stream id never used yet (RFC 9113 §5.1 'idle')."""
@@ -665,6 +851,7 @@ class H2Engine:
             if flags & ACK:
                 events.append(PingAcked(body))
             else:
+                self._flooded(_F_PINGS, "PINGs")
                 self._frame(_T_PING, ACK, 0, body)
         elif ftype == _T_GOAWAY:
             self._on_goaway(sid, body, events)
@@ -694,6 +881,8 @@ class H2Engine:
             if pad >= length:
                 raise _conn_error(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
             body = body[1 : length - pad]
+        if not len(body) and not flags & END_STREAM:
+            self._flooded(_F_EMPTY, "empty frames")
         if length > self.inbound_flow_control_window:
             raise _conn_error(ErrorCode.FLOW_CONTROL_ERROR,
                               "DATA beyond the connection window")
@@ -713,6 +902,15 @@ class H2Engine:
             raise _conn_error(ErrorCode.FLOW_CONTROL_ERROR, f"DATA beyond stream {sid}'s window")
         st.recv_window -= length
         n = len(body)
+        left = st.left
+        if left >= 0:
+            left -= n
+            if left < 0 or (left and flags & END_STREAM):
+                self._stream_error(sid, ErrorCode.PROTOCOL_ERROR,
+                                   "DATA do not add up to content-length", events)
+                self.acknowledge_received_data(sid, length)  # the connection's share
+                return
+            st.left = left
         if n:
             events.append(DataReceived(sid, body if type(body) is bytes else body.tobytes()))
         if n != length:  # padding is never buffered: hand it back now
@@ -749,6 +947,8 @@ class H2Engine:
         elif self._is_local_id(sid) and sid > self.highest_outbound_stream_id:
             raise _conn_error(ErrorCode.PROTOCOL_ERROR, f"HEADERS on idle stream {sid}")
         fragment = body[start:end]
+        if not fragment and not flags & END_STREAM:
+            self._flooded(_F_EMPTY, "empty frames")
         if flags & END_HEADERS:
             self._on_header_block(sid, flags, fragment, events)
         else:
@@ -758,6 +958,8 @@ class H2Engine:
             self._cont_size = len(fragment)
 
     def _on_continuation(self, flags: int, body: bytes, events: list) -> None:
+        if not body and not flags & END_HEADERS:
+            self._flooded(_F_EMPTY, "empty frames")
         self._cont_parts.append(body)
         self._cont_size += len(body)
         # A header block larger than what the decoder would accept at all: no need to wait
@@ -809,25 +1011,32 @@ class H2Engine:
             self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, "depends on itself", events)
             return
         request = not self.client_side
-        why = malformed(headers, request=request, trailers=trailers)
-        if why is None and trailers and not ended:
-            why = "trailers without END_STREAM"
-        informational = False
-        if why is None and not request and not trailers:
-            status = next((v for n, v in headers if n == b":status"), b"")
-            if len(status) != 3 or not status.isdigit():
-                why = f"bad :status {status!r}"
-            elif status[:1] == b"1":
-                informational = True
+        why, length, status = inspect_block(headers, request=request, trailers=trailers)
+        if why is None:
+            if trailers:
+                if not ended:
+                    why = "trailers without END_STREAM"
+                elif st.left > 0:
+                    why = "DATA do not add up to content-length"
+            elif status < 200 and not request:
                 if ended:
                     why = "1xx response with END_STREAM"
+                else:  # informational: the final response is still to come
+                    if self.informational:
+                        events.append(InformationalReceived(sid, headers, status))
+                    return
+            else:
+                if not request and (st.head or status == 204 or status == 304):
+                    length = 0  # no content, whatever content-length says (RFC 9110 §8.6)
+                if ended and length > 0:
+                    why = "DATA do not add up to content-length"
+                st.left = length
         if why is not None:
             self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, f"malformed: {why}", events)
             return
-        if not informational:
-            if not trailers:
-                st.got_headers = True
-            events.append(HeadersReceived(sid, headers, ended, trailers))
+        if not trailers:
+            st.got_headers = True
+        events.append(HeadersReceived(sid, headers, ended, trailers, status))
         if ended:
             events.append(EndOfStream(sid))
             self._remote_end(sid, st)
@@ -871,6 +1080,7 @@ class H2Engine:
             events.append(StreamReset(sid, _U32.unpack(body)[0]))
         elif self._is_idle(sid):
             raise _conn_error(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        self._flooded(_F_RESETS, "stream resets")
 
     def _on_settings(self, sid: int, flags: int, body: bytes, events: list) -> None:
         if sid:
@@ -881,6 +1091,7 @@ class H2Engine:
             return
         if len(body) % 6:
             raise _conn_error(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        self._flooded(_F_SETTINGS, "SETTINGS frames")
         rs = self.remote_settings
         for off in range(0, len(body), 6):
             code, value = _SETTING.unpack_from(body, off)
