@@ -8,10 +8,11 @@ Plaintext 15006 serves callers outside the mesh: the same policy, with no identi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -66,9 +67,9 @@ async def handle_hbone(proxy: NodeProxy, pod: PodProxy, tcp: trio.SocketStream) 
         await trio.aclose_forcefully(tls)
         return
 
-    async def on_connect(request: HboneRequest) -> None:
-        await _serve_connect(proxy, pod, request, caller, peer[0], local_ip)
-
+    # a partial of a plain function, not a closure coroutine: no extra coroutine frame kept
+    # for as long as each tunnel stays open
+    on_connect = functools.partial(_serve_connect, proxy, pod, caller, peer[0], local_ip)
     try:
         await serve_hbone_connection(tls, on_connect, peer_identity=caller, peer_address=peer)
     finally:
@@ -85,20 +86,21 @@ def _addressed_to_pod(proxy: NodeProxy, pod: PodProxy, host: str, local_ip: str)
         return False
 
 
-async def _serve_connect(
+def _serve_connect(
     proxy: NodeProxy,
     pod: PodProxy,
-    request: HboneRequest,
     caller: str,
     src_ip: str,
     local_ip: str,
-) -> None:
+    request: HboneRequest,
+) -> Awaitable[None]:
+    """The handler of one CONNECT: a reject, or :func:`_admit`. (A plain function returning
+    the coroutine to run, so its frame is not kept for the life of the tunnel.)"""
     host, port = request.authority
     if not _addressed_to_pod(proxy, pod, host, local_ip):
         log.info("inbound %s: CONNECT %s is not an address of this pod", pod.name, host)
-        await request.reject(400)
-        return
-    await _admit(proxy, pod, src_ip, caller, host, port, hbone=request)
+        return request.reject(400)
+    return _admit(proxy, pod, src_ip, caller, host, port, hbone=request)
 
 
 async def handle_plaintext(proxy: NodeProxy, pod: PodProxy, client: trio.SocketStream) -> None:

@@ -1,12 +1,16 @@
 """The trio driver of one HBONE HTTP/2 connection, and its streams.
 
-One reader task feeds :class:`~ztunnel.hbone.protocol.HboneH2`; one writer task is the only one
-that calls ``send_all`` on the transport. Every other task changes HTTP/2 state synchronously and
+One reader task feeds :class:`~ztunnel.hbone.protocol.HboneH2`; one writer task writes to the
+transport whenever a write could block. Every other task changes HTTP/2 state synchronously and
 then waits (``_flush``) until the writer has written what was queued so far, unless the writer was
 idle (one chunk per connection may be queued unwaited): that wait, and HTTP/2's flow control
-windows, are the back-pressure. Received DATA is acknowledged to the peer only when the
-consumer takes it from :meth:`HboneStream.receive_some` (or, for the relay, when its sink took it).
-Over an established ``trio.SSLStream`` both tasks bypass the SSLStream (see :class:`_DirectTls`).
+windows, are the back-pressure. Over direct TLS (below), a task that finds the writer idle writes
+what is queued itself when the socket takes it all (``_kick``): no writer wake-up per frame.
+A stream can hand its received bytes to a sink (the relay) from the reader task, so that a
+tunnel between HBONE and a TCP socket needs no task of its own for that direction. Received DATA
+is acknowledged to the peer only when the consumer takes it from
+:meth:`HboneStream.receive_some` (or, for the relay, when its sink took it). Over an established
+``trio.SSLStream`` both tasks bypass the SSLStream (see :class:`_DirectTls`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import trio
 
@@ -25,6 +30,11 @@ from .protocol import HboneError
 
 log = logging.getLogger(__name__)
 
+try:  # trio's scheduler state, for _busy() (read only; without it, _busy() is always False)
+    from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT
+except ImportError:  # pragma: no cover - another trio
+    _RUN_CONTEXT = None
+
 RECEIVE_CHUNK = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
 # send_all() of at most this much does not wait for an idle writer (see HboneStream.send_all)
@@ -32,6 +42,16 @@ UNWAITED_WRITE_MAX = 64 * 1024
 
 
 TRANSPORT_READ = 256 * 1024
+
+
+def _busy() -> bool:
+    """Other tasks were woken in this scheduler batch: they may write to the connection too,
+    so the writer, woken now and run with them, sends all of it in one write (one syscall and
+    one TLS record for several streams, under load). When the proxy is otherwise idle (a
+    request/response on a quiet connection) the calling task writes at once instead: a task
+    switch less per hop. (trio's run queue is internal: read defensively.)"""
+    runner = getattr(_RUN_CONTEXT, "runner", None)
+    return bool(getattr(runner, "runq", None))
 
 
 class LargeReadStream(trio.abc.HalfCloseableStream):
@@ -203,6 +223,26 @@ class _DirectTls:
                 return b""
             incoming.write(data)
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Encrypt ``data`` and send what the socket takes now, without waiting; False when
+        bytes are left over: the next :meth:`send` sends them first. Errors: OSError,
+        ssl.SSLError."""
+        if data:
+            self._obj.write(data)
+        wire = self._out.read()
+        if self._delayed:
+            wire, self._delayed = self._delayed + wire, b""
+        view = memoryview(wire)
+        sock = self._sock
+        while view:
+            try:
+                n = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                self._delayed = bytes(view)
+                return False
+            view = view[n:]
+        return True
+
     async def send(self, data: bytes | None) -> None:
         """Encrypt and send ``data`` (and whatever TLS queued itself). Errors: OSError,
         ssl.SSLError. No schedule point unless the socket is full: the caller has one."""
@@ -224,6 +264,20 @@ class _DirectTls:
             view = view[n:]
 
 
+class StreamSink(Protocol):
+    """A consumer of an :class:`HboneStream`'s received bytes that needs no task of its own
+    while its destination takes bytes at once (the relay, towards a TCP socket)."""
+
+    def data(self, data: bytes) -> int:
+        """Take what can be taken without blocking; return how many bytes were taken."""
+        ...
+
+    def event(self, stream: HboneStream) -> None:
+        """Evented stream, no task waiting: bytes are left over, the stream ended, was reset
+        or its connection died. Look at the stream; must not block."""
+        ...
+
+
 class HboneStatusError(HboneError):
     """The server answered the CONNECT with a status other than 200."""
 
@@ -243,7 +297,8 @@ class HboneStream(trio.abc.HalfCloseableStream):
     __slots__ = (
         "connection", "stream_id", "authority", "peer_identity", "status", "_recv",
         "_recv_off", "_recv_eof", "_send_eof", "_reset_code", "_reset_remote", "_conn_dead",
-        "_closed", "_recv_busy", "_send_busy", "_waiter", "_sink", "__weakref__",
+        "_closed", "_recv_busy", "_send_busy", "_waiter", "_sink", "_evented", "_unyielded",
+        "__weakref__",
     )
 
     def __init__(
@@ -260,8 +315,9 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.peer_identity = peer_identity
         self.status: int | None = None  # response status (client) / sent status (server)
         # a list, not a deque: a deque allocates a 64-slot block up front (~600 B per stream,
-        # per idle connection); the list holds one or two chunks at a time
-        self._recv: list[bytes] = []
+        # per idle connection); the list holds one or two chunks at a time, and is there
+        # only while it does (None when empty: an idle stream keeps no empty list)
+        self._recv: list[bytes] | None = None
         self._recv_off = 0  # consumed prefix of _recv[0]
         self._recv_eof = False
         self._send_eof = False
@@ -275,9 +331,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
         # a ParkingLot (an attrs object and an OrderedDict) per stream was ~0.6 KB per idle
         # connection per side, and slower to wake
         self._waiter: trio.lowlevel.Task | None = None
-        # set by the relay while it waits in receive_some(): takes received bytes straight
-        # from the connection's reader (see _on_data)
-        self._sink: Callable[[bytes], int] | None = None
+        # set by the relay: takes received bytes straight from the connection's reader while
+        # the relay's task waits in receive_some() or, if _evented, while no task reads the
+        # stream at all (see _on_data and StreamSink)
+        self._sink: StreamSink | None = None
+        self._evented = False
+        self._unyielded = False  # the last send_all() had no schedule point
 
     def __repr__(self) -> str:
         return f"<HboneStream {self.stream_id} {self.authority}>"
@@ -305,23 +364,37 @@ class HboneStream(trio.abc.HalfCloseableStream):
     # -- called by the connection -----------------------------------------------------------
     def _on_data(self, data: bytes) -> None:
         sink = self._sink
-        if sink is not None and not self._recv and self._waiter is not None and self._recv_busy:
-            # The consumer is parked in receive_some() with nothing buffered, and has a sink
-            # (the relay: a non-blocking send to its TCP socket). Handing the bytes over here
-            # saves waking it (a task switch per delivery); what the sink does not take is
-            # buffered and the consumer woken, as usual, so order is kept.
-            n = sink(data)
+        if sink is not None and not self._recv and (
+            self._evented or (self._waiter is not None and self._recv_busy)
+        ):
+            # Nobody holds bytes of this stream that are not yet passed on: the consumer is
+            # parked in receive_some() with nothing buffered, or there is no consumer task
+            # (evented). The sink (the relay: a non-blocking send to its TCP socket) takes the
+            # bytes here, which saves waking a task (a task switch per delivery); what it does
+            # not take is buffered and the consumer told, as usual, so order is kept.
+            n = sink.data(data)
             if n:
                 self.connection._acknowledge(self.stream_id, n)
                 if n == len(data):
                     return
                 data = data[n:]
-        self._recv.append(data)
-        self._wake()
+        if self._recv is None:
+            self._recv = [data]
+        else:
+            self._recv.append(data)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Tell the consumer that the stream's state changed: wake its task, or, evented,
+        call its sink (which may start a task or finish the direction)."""
+        if self._waiter is not None:
+            self._wake()
+        elif self._evented and self._sink is not None:
+            self._sink.event(self)
 
     def _on_eof(self) -> None:
         self._recv_eof = True
-        self._wake()
+        self._notify()
 
     def _on_response(self, status: int) -> None:
         self.status = status
@@ -332,18 +405,18 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._reset_code = code
             self._reset_remote = remote
         self._discard_buffered()
-        self._wake()
+        self._notify()
         self.connection._window_lot.unpark_all()  # a sender waiting for window must see it
 
     def _on_conn_dead(self) -> None:
         # Bytes already received stay readable; after them the stream reports the loss.
         self._conn_dead = True
-        self._wake()
+        self._notify()
 
     def _discard_buffered(self) -> None:
         """Give unread bytes back to the connection window: nobody will read them."""
-        n = sum(len(c) for c in self._recv) - self._recv_off
-        self._recv.clear()
+        n = self.buffered
+        self._recv = None
         self._recv_off = 0
         if n and not self._conn_dead:
             self.connection._acknowledge(self.stream_id, n)
@@ -408,12 +481,17 @@ class HboneStream(trio.abc.HalfCloseableStream):
             self._recv_busy = False
 
     def _take(self, max_bytes: int | None) -> bytes:
-        head = self._recv[0]
+        recv = self._recv
+        assert recv
+        head = recv[0]
         off = self._recv_off
         avail = len(head) - off
         n = avail if max_bytes is None else min(avail, max_bytes)
         if n == avail:
-            del self._recv[0]
+            if len(recv) == 1:
+                self._recv = None
+            else:
+                del recv[0]
             self._recv_off = 0
             out = head if off == 0 else head[off:]
         else:
@@ -423,10 +501,23 @@ class HboneStream(trio.abc.HalfCloseableStream):
         self.connection._acknowledge(self.stream_id, n)
         return out
 
+    def _feed_sink(self) -> None:
+        """Pass buffered bytes to the sink as far as it takes them (a relay that starts after
+        bytes arrived)."""
+        sink = self._sink
+        while sink is not None and self._recv:
+            off = self._recv_off
+            head = self._recv[0]
+            n = sink.data(head if off == 0 else head[off:])
+            if n == 0:
+                return
+            self._take(n)
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet taken by the consumer."""
-        return sum(len(c) for c in self._recv) - self._recv_off
+        recv = self._recv
+        return sum(len(c) for c in recv) - self._recv_off if recv else 0
 
     # -- sending ----------------------------------------------------------------------------
     def _check_send(self) -> None:
@@ -441,17 +532,31 @@ class HboneStream(trio.abc.HalfCloseableStream):
                 f"HBONE connection lost: {self.connection.dead_reason}")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if await self._send(data):
+            self._unyielded = False
+        elif self._unyielded:
+            # a sender in a tight loop yields at least every second call, although the
+            # bytes go out at once (no writer to wait for)
+            self._unyielded = False
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            self._unyielded = True
+
+    async def _send(self, data: bytes | bytearray | memoryview, eof: bool = False) -> bool:
+        """:meth:`send_all`, but without a schedule point of its own when nothing had to
+        wait; says whether it waited. (For the relay: its read was the schedule point.)
+        ``eof``: then :meth:`send_eof`, in the same write (END_STREAM with the last DATA)."""
         if self._send_busy:
             raise trio.BusyResourceError("another task is sending on this stream")
         self._send_busy = True
         conn = self.connection
+        waited = False
         try:
             view = memoryview(data).cast("B")
             off = 0
             self._check_send()
             if not view:
-                await trio.lowlevel.checkpoint()
-                return
+                return False
             # Cancellation is checked before anything is queued: once queued, it is sent.
             await trio.lowlevel.checkpoint_if_cancelled()
             while off < len(view):
@@ -464,22 +569,32 @@ class HboneStream(trio.abc.HalfCloseableStream):
                     raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
                 if n == 0:
                     await conn._window_lot.park()  # WINDOW_UPDATE / SETTINGS wake us
+                    waited = True
                     continue
                 off += n
+                if eof and off == len(view):
+                    self._send_eof = True
+                    try:
+                        conn._proto.end_stream(self.stream_id)
+                    except H2Error as e:
+                        raise trio.BrokenResourceError(f"HBONE stream not writable: {e}") from e
+                    if self.finished:
+                        conn._forget(self)
                 if idle and off == len(view):
-                    # The writer was idle: it takes this at its next step, and we need not
-                    # wait for it (a task switch less per write). Back-pressure is kept:
-                    # the next send_all() finds the writer busy and waits, so one small
-                    # chunk at most is queued unwaited per connection, and a sender in a
-                    # tight loop still yields every second call. (Large writes wait: two
-                    # 256 KiB relay chunks in one batch made the writer's buffers big enough
-                    # to be mmap'ed afresh, and their page faults cost more than the switch.)
-                    # A failed write kills the connection; the stream's next operation
-                    # reports it.
+                    # The writer was idle: _kick() sends now what the socket takes, and the
+                    # writer the rest; we need not wait for it (a task switch less per
+                    # write). Back-pressure is kept: the next write finds the writer busy
+                    # and waits, so one small chunk at most is queued unwaited per
+                    # connection. (Large writes wait: two 256 KiB relay chunks in one batch
+                    # made the writer's buffers big enough to be mmap'ed afresh, and their
+                    # page faults cost more than the switch.) A failed write kills the
+                    # connection; the stream's next operation reports it.
                     conn._kick()
                     break
-                await conn._flush()
+                if await conn._flush(inline=len(view) <= UNWAITED_WRITE_MAX):
+                    waited = True
             conn.last_used = trio.current_time()
+            return waited
         finally:
             self._send_busy = False
 
@@ -517,16 +632,22 @@ class HboneStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         """Close; resets the stream (RST_STREAM CANCEL) unless both directions ended."""
+        self._close_now()
+        # No schedule point: closing is synchronous, and a close is never called in a loop
+        # that could starve other tasks (a task switch less per stream).
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def _close_now(self) -> None:
+        """:meth:`aclose`, synchronously."""
         if not self._closed:
             self._closed = True
             self._abort(ErrorCodes.CANCEL)
             self._discard_buffered()
             self._wake()
-            self.connection._window_lot.unpark_all()
-            self.connection._kick()
-        # No schedule point: closing is synchronous, and a close is never called in a loop
-        # that could starve other tasks (a task switch less per stream).
-        await trio.lowlevel.checkpoint_if_cancelled()
+            conn = self.connection
+            conn._window_lot.unpark_all()
+            if conn._proto.has_output():  # an RST_STREAM, or nothing at all
+                conn._kick()
 
 
 class HboneConnection:
@@ -561,6 +682,7 @@ class HboneConnection:
         self._ping_sent_at: float | None = None
         self._pending_seq = 0
         self._written_seq = 0
+        self._dispatching = False  # the reader is dispatching events: it kicks afterwards
         self._writer_lot = trio.lowlevel.ParkingLot()
         # _flush() waiters park in _written_lot; the writer swaps in _spare_lot when it takes
         # a batch, so only the waiters of that batch are woken when it is written (one lot
@@ -572,6 +694,7 @@ class HboneConnection:
         self._started = False
         self._direct: _DirectTls | None = None  # set in run(): the handshake is done by then
         self._run_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
         self.dead_reason: str | None = None
         self.created_at = trio.current_time()
@@ -606,19 +729,49 @@ class HboneConnection:
         return self.dead_reason is not None
 
     # -- writer ---------------------------------------------------------------------------------
-    def _kick(self) -> int:
-        """Ask the writer to send whatever h2 has queued; returns a sequence number."""
-        self._pending_seq += 1
-        self._writer_lot.unpark_all()
-        return self._pending_seq
+    def _kick(self, inline: bool = True) -> None:
+        """Send whatever HTTP/2 has queued: at once, from the calling task, if the writer is
+        idle and the socket takes it all; otherwise the writer task does.
 
-    async def _flush(self) -> None:
-        """Wait until everything queued so far has been handed to the transport."""
-        seq = self._kick()
+        Waking the writer for every write was a task switch (and an event-loop pass) per
+        CONNECT, answer, DATA, END_STREAM and WINDOW_UPDATE; under load, though, the writer
+        batches the frames of several streams into one write (see _busy()). Order is kept:
+        the writer is idle only when everything queued before has been handed to the socket,
+        and bytes the socket does not take now go first in the writer's next send. While the reader
+        dispatches events, kicks are left to the reader, which sends once after the batch.
+        ``inline=False`` (bulk writes): the writer writes, as it takes large writes in
+        several steps anyway; here a partial write would copy the rest."""
+        if self._dispatching:
+            return
+        self._pending_seq += 1
+        direct = self._direct
+        if inline and direct is not None and self._written_seq + 1 == self._pending_seq and (
+            self.dead_reason is None
+        ) and not _busy():
+            try:
+                sent = direct.send_nowait(self._proto.data_to_send())
+            except (OSError, ssl.SSLError) as e:
+                self._die(f"write failed: {e!r}")
+                return
+            if sent:
+                self._written_seq = self._pending_seq
+                return
+        self._writer_lot.unpark_all()
+
+    async def _flush(self, inline: bool = True) -> bool:
+        """Wait until everything queued so far has been handed to the transport; says whether
+        it had to wait (no schedule point when the bytes went out at once)."""
+        self._kick(inline)
+        seq = self._pending_seq
+        waited = False
         while self._written_seq < seq:
             if self.dead_reason is not None:
                 raise trio.BrokenResourceError(f"HBONE connection lost: {self.dead_reason}")
             await self._written_lot.park()
+            waited = True
+        if self.dead_reason is not None and not waited:
+            raise trio.BrokenResourceError(f"HBONE connection lost: {self.dead_reason}")
+        return waited
 
     async def _writer_loop(self) -> None:
         while True:
@@ -690,6 +843,7 @@ class HboneConnection:
             self._proto.initiate()
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
+                self._nursery = nursery
                 if self.dead_reason is not None:  # aclose() before run()
                     nursery.cancel_scope.cancel()
                 nursery.start_soon(self._writer_loop)
@@ -705,6 +859,7 @@ class HboneConnection:
                         pass
                 self._die(reason)
         finally:
+            self._nursery = None
             self._die("connection closed")
             await trio.aclose_forcefully(self.transport)
             self._done.set()
@@ -733,7 +888,11 @@ class HboneConnection:
                 log.warning("HBONE peer %s (%s) broke HTTP/2, closing: %s",
                             self.peer_identity, self.peer_address, e)
                 return str(e)
-            self._dispatch(events)
+            self._dispatching = True
+            try:
+                self._dispatch(events)
+            finally:
+                self._dispatching = False
             if self._proto.has_output():
                 self._kick()
             if self.dead_reason is not None:
@@ -819,6 +978,19 @@ class HboneConnection:
             self._ping_payload = self._proto.ping()
             self._ping_sent_at = now
             self._kick()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Run ``fn(*args)`` as a task of this connection (cancelled when it ends); False if
+        the connection no longer runs. For work a stream's sink needs only now and then (the
+        relay's wait for a full TCP socket): no nursery per stream for it."""
+        nursery = self._nursery
+        if nursery is None or self.dead_reason is not None:
+            return False
+        try:
+            nursery.start_soon(fn, *args)
+        except RuntimeError:  # the nursery is closing
+            return False
+        return True
 
     # -- public actions -------------------------------------------------------------------------
     async def open_stream(
