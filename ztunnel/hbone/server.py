@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 class HboneRequest:
     """An incoming CONNECT, handed to the handler."""
 
+    # one lives as long as its tunnel: no per-instance __dict__
+    __slots__ = ("_conn", "_stream", "connect", "authority", "authority_raw", "headers",
+                 "peer_identity", "peer_address", "stream_id")
+
     def __init__(self, conn: HboneConnection, stream: HboneStream, request: ConnectRequest):
         self._conn = conn
         self._stream = stream
