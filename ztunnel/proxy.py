@@ -179,6 +179,7 @@ class NodeProxy:
                 self._seen_since_hello.add(pod.uid)
                 return
             log.info("pod %s/%s has a new netns: replacing its proxy", pod.namespace, pod.name)
+            self._forget_sources(old)
             await old.stop()
         await proxy.start(self, self._nursery)
         self.pods[pod.uid] = proxy
@@ -199,10 +200,16 @@ class NodeProxy:
             raise KeyError(f"unknown pod {uid}")
         self._seen_since_hello.add(uid)
 
+    def _forget_sources(self, pod: PodProxy) -> None:
+        # the pod's addresses may come back on another pod: no stale owner for them
+        for ip in [ip for ip, owner in self._sources.items() if owner is pod]:
+            del self._sources[ip]
+
     async def delete(self, uid: str) -> None:
         proxy = self.pods.pop(uid, None)
         if proxy is None:
             return
+        self._forget_sources(proxy)
         await proxy.stop()
         if not any(p.identity == proxy.identity for p in self.pods.values()):
             self.certs.forget(proxy.identity)
