@@ -48,6 +48,18 @@ _BAD_TEXT = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
 
 
+def take(buf: bytearray, n: int) -> bytes:
+    """Up to ``n`` bytes off the front of ``buf`` (one copy when it holds no more than that).
+    Shared by the request and response body readers (also ``upstream.ResponseReader``)."""
+    if len(buf) <= n:
+        data = bytes(buf)
+        buf.clear()
+        return data
+    data = bytes(buf[:n])
+    del buf[:n]
+    return data
+
+
 class BadRequest(ValueError):
     """The client's bytes are not an acceptable HTTP/1.1 request (answer ``status``)."""
 
@@ -163,12 +175,7 @@ class RequestReader:
                     raise BadRequest("connection closed in the request body")
                 return None
             self.body_started = True
-            if len(buf) <= self._left:
-                data = bytes(buf)
-                buf.clear()
-            else:
-                data = bytes(buf[:self._left])
-                del buf[:self._left]
+            data = take(buf, self._left)
             self._left -= len(data)
             if self._left == 0:
                 self.body_done = True
@@ -181,12 +188,7 @@ class RequestReader:
             if self._chunk_state == "data":
                 if not buf:
                     break
-                if len(buf) <= self._left:
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:self._left])
-                    del buf[:self._left]
+                data = take(buf, self._left)
                 self._left -= len(data)
                 if self._left == 0:
                     self._chunk_state = "crlf"

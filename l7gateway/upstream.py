@@ -26,6 +26,7 @@ from typing import Protocol
 
 import trio
 
+from l7gateway.h1server import take
 from l7gateway.http2 import H2Config, H2Connection, H2Stream, StreamError
 from l7gateway.retry import CONNECT_FAILURE, REFUSED_STREAM, RESET
 from nodeproxy.certmanager import CertificateManager
@@ -286,10 +287,8 @@ class ResponseReader:
                 if self.eof:
                     raise ProtocolError("connection closed in the response body")
                 return None
-            n = min(self._left, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
-            self._left -= n
+            data = take(buf, self._left)
+            self._left -= len(data)
             if self._left == 0:
                 self.done = True
             return data
@@ -310,10 +309,8 @@ class ResponseReader:
             if self._chunk_state == "data":
                 if not buf:
                     break
-                n = min(self._left, len(buf))
-                data = bytes(buf[:n])
-                del buf[:n]
-                self._left -= n
+                data = take(buf, self._left)
+                self._left -= len(data)
                 if self._left == 0:
                     self._chunk_state = "crlf"
                 return data
