@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from ztunnel.hbone.connection import HboneStream
-from ztunnel.sockets import reset_on_close
+from ztunnel.sockets import reset_on_close, send_all_nonblocking
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +72,6 @@ async def _recv(sock: socket.socket) -> tuple[bytes, bool]:
             pass
 
 
-async def _send(sock: socket.socket, data: bytes) -> bool:
-    """Send all of data; says whether it had to wait (a schedule point)."""
-    waited = False
-    view = memoryview(data)
-    while view:
-        try:
-            n = sock.send(view)
-        except (BlockingIOError, InterruptedError):
-            await trio.lowlevel.wait_writable(sock)
-            waited = True
-            continue
-        view = view[n:]
-    return waited
-
-
 async def abort(stream: trio.abc.AsyncResource) -> None:
     """Close a stream so that the peer sees a reset rather than a clean end."""
     sock = getattr(stream, "socket", None)
@@ -138,7 +123,7 @@ async def _pump(
                     pass
                 return
             if raw_dst is not None:
-                if await _send(raw_dst, data):
+                if await send_all_nonblocking(raw_dst, data):
                     scheduled = True
                 if not scheduled:
                     await trio.lowlevel.checkpoint()
@@ -242,7 +227,7 @@ async def _hbone_to_socket(stream: HboneStream, st: _HboneToSocket) -> bool:
                 except OSError:
                     pass
                 return True
-            await _send(sock, data)
+            await send_all_nonblocking(sock, data)
             if st.upstream:
                 st.counters.client_to_server += len(data)
             else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 import struct
 
+import trio
+
 PROXY_MARK = 0x539
 SO_MARK = 36
 SOL_IP = 0
@@ -110,3 +112,20 @@ def reset_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
+
+
+async def send_all_nonblocking(sock: socket.socket, data: bytes | memoryview) -> bool:
+    """Send all of ``data`` on a non-blocking socket, waiting only while it is full; says
+    whether it waited (a schedule point): trio's SocketStream yields after every call even
+    when nothing blocked, which the data path cannot afford per chunk."""
+    waited = False
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            await trio.lowlevel.wait_writable(sock)
+            waited = True
+            continue
+        view = view[n:]
+    return waited

@@ -4,8 +4,8 @@ One reader task feeds :class:`~ztunnel.hbone.protocol.HboneH2`; one writer task 
 transport whenever a write could block. Every other task changes HTTP/2 state synchronously and
 then waits (``_flush``) until the writer has written what was queued so far, unless the writer was
 idle (one chunk per connection may be queued unwaited): that wait, and HTTP/2's flow control
-windows, are the back-pressure. Over direct TLS (below), a task that finds the writer idle writes
-what is queued itself when the socket takes it all (``_kick``): no writer wake-up per frame.
+windows, are the back-pressure. The writer sends what every stream queued in one scheduler
+pass as one TLS write (``_kick``).
 A stream can hand its received bytes to a sink (the relay) from the reader task, so that a
 tunnel between HBONE and a TCP socket needs no task of its own for that direction. Received DATA
 is acknowledged to the peer only when the consumer takes it from
@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import trio
+
+from ztunnel.sockets import send_all_nonblocking
 
 from . import protocol as p
 from .frames import ErrorCode as ErrorCodes
@@ -218,15 +220,7 @@ class _DirectTls:
             wire, self._delayed = self._delayed + wire, b""
         if not wire:
             return
-        view = memoryview(wire)
-        sock = self._sock
-        while view:
-            try:
-                n = sock.send(view)
-            except (BlockingIOError, InterruptedError):
-                await trio.lowlevel.wait_writable(sock)
-                continue
-            view = view[n:]
+        await send_all_nonblocking(self._sock, wire)
 
 
 class StreamSink(Protocol):
@@ -546,14 +540,13 @@ class HboneStream(trio.abc.HalfCloseableStream):
                     if self.finished:
                         conn._forget(self)
                 if idle and off == len(view):
-                    # The writer was idle: _kick() sends now what the socket takes, and the
-                    # writer the rest; we need not wait for it (a task switch less per
-                    # write). Back-pressure is kept: the next write finds the writer busy
-                    # and waits, so one small chunk at most is queued unwaited per
-                    # connection. (Large writes wait: two 256 KiB relay chunks in one batch
-                    # made the writer's buffers big enough to be mmap'ed afresh, and their
-                    # page faults cost more than the switch.) A failed write kills the
-                    # connection; the stream's next operation reports it.
+                    # The writer was idle: _kick() wakes it to send this; we need not wait
+                    # for it (a task switch less per write). Back-pressure is kept: the next
+                    # write finds the writer busy and waits, so one small chunk at most is
+                    # queued unwaited per connection. (Large writes wait: two 256 KiB relay
+                    # chunks in one batch made the writer's buffers big enough to be mmap'ed
+                    # afresh, and their page faults cost more than the switch.) A failed
+                    # write kills the connection; the stream's next operation reports it.
                     conn._kick()
                     break
                 if await conn._flush():
