@@ -9,6 +9,7 @@ barely moves it, unlike wall-clock figures.
 
     python -m benchmarks.l4_micro conn      # new connections: 78 B up, 1,200 B back, close
     python -m benchmarks.l4_micro latency   # one connection, 1 KB ping-pong (CPU and p50)
+    python -m benchmarks.l4_micro rps -c 32 # 32 connections, 1 KB ping-pong each (CPU per op)
     python -m benchmarks.l4_micro idle      # memory per open idle connection (95: one HBONE conn)
     python -m benchmarks.l4_micro bulk      # 256 MiB one way over one connection
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import trio
 
 REQUEST = b"G" * 78
+RESPONSE = b"R" * 1200
 
 
 class _StepCounter(trio.abc.Instrument):
@@ -43,7 +45,6 @@ class _StepCounter(trio.abc.Instrument):
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.steps += 1
-RESPONSE = b"R" * 1200
 
 
 # -- the load generator and app (subprocess) ------------------------------------------------
@@ -104,18 +105,26 @@ async def _loadgen(mode: str) -> None:
                 for _ in range(conc):
                     w.start_soon(worker)
             out["ops"] = per * conc
-        elif mode == "latency":
-            s = await trio.open_tcp_stream("127.0.0.1", port)
+        elif mode in ("latency", "rps"):
             msg = b"x" * 1024
-            lat = []
-            for _ in range(n):
-                a = time.perf_counter()
-                await s.send_all(msg)
-                got = 0
-                while got < len(msg):
-                    got += len(await s.receive_some())
-                lat.append(time.perf_counter() - a)
-            await s.aclose()
+            lat: list[float] = []
+            conns = 1 if mode == "latency" else conc
+
+            async def pinger() -> None:
+                s = await trio.open_tcp_stream("127.0.0.1", port)
+                for _ in range(n // conns):
+                    a = time.perf_counter()
+                    await s.send_all(msg)
+                    got = 0
+                    while got < len(msg):
+                        got += len(await s.receive_some())
+                    lat.append(time.perf_counter() - a)
+                await s.aclose()
+
+            async with trio.open_nursery() as w:
+                for _ in range(conns):
+                    w.start_soon(pinger)
+            n = len(lat)
             lat.sort()
             out["ops"] = n
             out["p50_ms"] = lat[len(lat) // 2] * 1000
@@ -276,7 +285,7 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["conn", "latency", "idle", "bulk"])
+    ap.add_argument("mode", choices=["conn", "latency", "rps", "idle", "bulk"])
     ap.add_argument("-n", type=int, default=None)
     ap.add_argument("-c", "--concurrency", type=int, default=8)
     ap.add_argument("-r", "--repeat", type=int, default=3)
@@ -288,7 +297,7 @@ def main() -> None:
     if args.loadgen:
         trio.run(_loadgen, args.mode)
         return
-    n = args.n or {"conn": 2000, "latency": 3000, "idle": 95, "bulk": 256}[args.mode]
+    n = args.n or {"conn": 2000, "latency": 3000, "rps": 12800, "idle": 95, "bulk": 256}[args.mode]
     all_results = []
     for _ in range(args.repeat):
         if args.profile:

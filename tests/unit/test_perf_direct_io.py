@@ -6,6 +6,9 @@
 - the relay's direct socket calls: half-close, bytes and resets between HBONE and TCP
 - ``_flush`` wakes only the waiters whose bytes were written; streams opened and answered
   without waiting for the writer still see a lost connection as an error
+- a write by the only task of an event-loop pass goes out at once, not through the writer
+  task; writes of several tasks in one pass still share the writer; what a full socket does
+  not take at once follows, in order
 """
 
 from __future__ import annotations
@@ -260,6 +263,91 @@ async def test_hbone_to_slow_tcp_reader_arrives_intact_in_order(tmp_path: Path) 
             while "c" not in result:
                 await trio.sleep(0.01)
         assert result["c"].server_to_client == len(payload)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+class _Steps(trio.abc.Instrument):
+    """Names of the coroutines trio stepped while recording."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.coro.cr_code.co_name)
+
+
+async def test_a_lone_write_goes_out_without_the_writer_task(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        client, _, _ = await tls_pair(tmp_path, nursery, echo)
+        stream = await client.open_stream("127.0.0.1:9")
+        await stream.send_all(b"warm-up")
+        assert await stream.receive_some() == b"warm-up"
+        steps = _Steps()
+        for i in range(5):
+            await trio.testing.wait_all_tasks_blocked()  # so this task runs alone
+            trio.lowlevel.add_instrument(steps)
+            await stream.send_all(b"ping %d" % i)
+            assert await stream.receive_some() == b"ping %d" % i
+            trio.lowlevel.remove_instrument(steps)
+        # both ways (this task's writes and the echo handler's) went out inline
+        assert "_run_handler" in steps.names
+        assert "_writer_loop" not in steps.names, steps.names
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_writes_of_many_tasks_in_one_pass_share_the_writer(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        client, _, _ = await tls_pair(tmp_path, nursery, echo)
+        streams = [await client.open_stream("127.0.0.1:9") for _ in range(8)]
+        steps = _Steps()
+        go = trio.Event()
+        got: dict[int, bytes] = {}
+
+        async def ping(i: int) -> None:
+            await go.wait()  # all eight wake in the same pass
+            await streams[i].send_all(b"ping %d" % i)
+            got[i] = await streams[i].receive_some()
+
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(ping, i)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(steps)
+            go.set()
+        trio.lowlevel.remove_instrument(steps)
+        assert got == {i: b"ping %d" % i for i in range(8)}
+        assert "_writer_loop" in steps.names
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lone_write_the_socket_cannot_take_follows_in_order(tmp_path: Path) -> None:
+    payload = os.urandom(3_000_000)
+    received = trio.Event()
+    got = {}
+
+    async def slow_sink(req: HboneRequest) -> None:
+        stream = await req.accept()
+        await trio.sleep(0.2)  # the client's socket buffers fill meanwhile
+        chunks = []
+        while data := await stream.receive_some():
+            chunks.append(data)
+        got["data"] = b"".join(chunks)
+        received.set()
+
+    async with trio.open_nursery() as nursery:
+        client, _, client_tls = await tls_pair(tmp_path, nursery, slow_sink)
+        client_tls.transport_stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16_384)
+        stream = await client.open_stream("127.0.0.1:9")
+        for off in range(0, len(payload), 40_000):  # under the unwaited-write limit
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.send_all(payload[off : off + 40_000])
+        await stream.send_eof()
+        with trio.fail_after(10):
+            await received.wait()
+        assert got["data"] == payload
         await client.aclose()
         nursery.cancel_scope.cancel()
 
