@@ -35,6 +35,7 @@ from nodeproxy.discovery import DiscoveryClient, TokenFile
 from nodeproxy.identity import spiffe_id
 from nodeproxy.model import GATEWAY_SERVICE_ACCOUNT, TRUST_DOMAIN, MeshState
 from nodeproxy.telemetry.accesslog import log_connection
+from nodeproxy.telemetry.logs import configure_logging, flush_buffered_logs, flush_logs_periodically
 from nodeproxy.telemetry.metrics import ConnectionLabels
 from nodeproxy.telemetry.server import (
     Readiness,
@@ -176,7 +177,7 @@ class Gateway:
             rport = await nursery.start(
                 serve_http, ready, {"/healthz/ready": readiness_route(self.readiness)})
             nursery.start_soon(self._become_ready)
-            nursery.start_soon(_flush_logs_periodically)
+            nursery.start_soon(flush_logs_periodically)
             listeners = await trio.open_tcp_listeners(port, host=host)
             hport = listeners[0].socket.getsockname()[1]
             await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
@@ -381,123 +382,6 @@ class Gateway:
             log_connection(**entry, bytes_sent=counters.server_to_client,
                            bytes_recv=counters.client_to_server,
                            duration=round((time.monotonic() - started) * 1000))
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_FLUSH_INTERVAL = 0.1  # seconds a buffered log line may wait
-LOG_FLUSH_LINES = 64
-
-
-class _Formatter(logging.Formatter):
-    """The standard formatter with the time text made once per second: strftime was a
-    quarter of the cost of an access-log line (one per request)."""
-
-    _second = -1
-    _text = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        return self.default_msec_format % (self._text, record.msecs)
-
-
-class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that writes its lines in batches: one write (and flush) per
-    ``max_lines`` lines or per ``interval`` seconds instead of one per line (one access-log
-    line per request made the write + flush a syscall per request).
-
-    Lines are formatted when logged (same text as a plain handler), kept in order, and
-    written when ``max_lines`` are waiting, when the oldest is ``interval`` old as a new one
-    comes, on a WARNING or worse (written at once, after those before it), and on
-    :meth:`flush`: :meth:`Gateway.run` flushes every ``interval`` so that a quiet gateway's
-    last lines never wait long, and ``logging.shutdown`` (at interpreter exit) and
-    :meth:`close` flush the rest, so nothing is lost on a clean exit."""
-
-    def __init__(self, stream: Any = None, *, max_lines: int = LOG_FLUSH_LINES,
-                 interval: float = LOG_FLUSH_INTERVAL) -> None:
-        super().__init__(stream)
-        self.max_lines = max_lines
-        self.interval = interval
-        self._lines: list[str] = []
-        self._oldest = 0.0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            lines = self._lines
-            lines.append(self.format(record))
-            if len(lines) == 1:
-                self._oldest = time.monotonic()
-                if record.levelno < logging.WARNING and self.max_lines > 1:
-                    return
-            elif (record.levelno < logging.WARNING and len(lines) < self.max_lines
-                  and time.monotonic() - self._oldest < self.interval):
-                return
-            self._write()
-        except RecursionError:
-            raise
-        except Exception:  # noqa: BLE001 - as logging's own handlers: report, never raise
-            self.handleError(record)
-
-    def _write(self) -> None:
-        # called with the handler's lock held (emit, flush)
-        lines, self._lines = self._lines, []
-        if lines:
-            lines.append("")
-            self.stream.write(self.terminator.join(lines))
-        if self.stream and hasattr(self.stream, "flush"):
-            self.stream.flush()
-
-    @property
-    def pending(self) -> int:
-        """Lines formatted and not yet written."""
-        return len(self._lines)
-
-    def flush(self) -> None:
-        self.acquire()
-        try:
-            if self.stream is not None:
-                self._write()
-        finally:
-            self.release()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            super().close()
-
-
-def flush_buffered_logs() -> None:
-    """Write what every :class:`BufferedHandler` of the root logger holds."""
-    for h in logging.getLogger().handlers:
-        if isinstance(h, BufferedHandler) and h.pending:
-            h.flush()
-
-
-async def _flush_logs_periodically(interval: float = LOG_FLUSH_INTERVAL) -> None:
-    try:
-        while True:
-            await trio.sleep(interval)
-            flush_buffered_logs()
-    finally:
-        flush_buffered_logs()
-
-
-def configure_logging(level: int = logging.INFO, handler: logging.Handler | None = None,
-                      *, stream: Any = None) -> None:
-    """The gateway process's logging: ``LOG_FORMAT`` through a :class:`BufferedHandler`
-    on ``stream`` (default stderr), or through ``handler``."""
-    handler = handler or BufferedHandler(stream)
-    handler.setFormatter(_Formatter(LOG_FORMAT))
-    # no thread/process names in the format: LogRecord need not look them up per line
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: list[str]) -> int:

@@ -26,6 +26,7 @@ from nodeproxy.certmanager import CertificateManager
 from nodeproxy.discovery import DiscoveryClient, TokenFile
 from nodeproxy.inpod_protocol import ChannelClosed, ProtocolError
 from nodeproxy.model import MeshState, Workload
+from nodeproxy.telemetry.logs import configure_logging, flush_buffered_logs, flush_logs_periodically
 from nodeproxy.telemetry.metrics import ProxyMetrics
 from nodeproxy.telemetry.server import Readiness, Request, Response, json_response, serve_http
 from ztunnel import hostmode
@@ -347,6 +348,7 @@ class NodeProxy:
                 await nursery.start(run_channel, agent_socket, self)
             nursery.start_soon(self._on_signals, nursery, drain_seconds)
             nursery.start_soon(self._trim_periodically)
+            nursery.start_soon(flush_logs_periodically)
             task_status.started()
 
     async def _serve_supervisor(
@@ -447,9 +449,8 @@ def main(argv: list[str]) -> int:
     hostmode.check_arguments(parser, args)
     check_worker_arguments(parser, args)
     who = f" [worker {args.worker_index}]" if args.worker_fd is not None else ""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"
-    )
+    # access-log lines in batches (one write per 64 lines or 100 ms; warnings at once)
+    configure_logging(fmt=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
     try:
         roots = args.ca_root.read_bytes()
         token = TokenFile(args.token_file)  # re-read as it rotates (projected tokens)
@@ -483,4 +484,6 @@ def main(argv: list[str]) -> int:
         )
     except KeyboardInterrupt:
         return 0
+    finally:
+        flush_buffered_logs()
     return 0

@@ -758,6 +758,9 @@ def exec_supervisor(argv: Sequence[str]) -> None:
     """Become the supervisor (same pid, same process group): ``nodeproxy ztunnel`` validated
     ``argv``; a fresh interpreter that imports only this module holds ~7 MB less than one
     that loaded the whole node proxy."""
+    from nodeproxy.telemetry.logs import flush_buffered_logs  # loaded already by the caller
+
+    flush_buffered_logs()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", "ztunnel.workers", *argv])

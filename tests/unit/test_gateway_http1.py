@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 import signal
 import subprocess
@@ -13,12 +11,6 @@ from pathlib import Path
 
 import trio
 
-from l7gateway.gateway import (
-    LOG_FORMAT,
-    BufferedHandler,
-    _flush_logs_periodically,
-    _Formatter,
-)
 from nodeproxy.model import Clause, Match, Policy, Rule
 from tests.pki import make_pki
 from tests.unit.test_gateway_support import (
@@ -342,75 +334,6 @@ async def test_request_mirror_copies_the_request(nursery):
         with trio.fail_after(5):
             while not any(ep.workload.name == "shadow" for ep in h.dials):
                 await trio.sleep(0.01)
-
-
-# -- the access log's buffered handler -------------------------------------------------------
-
-
-def _records(n: int, level: int = logging.INFO) -> list[logging.LogRecord]:
-    return [logging.LogRecord("nodeproxy.access", level, __file__, 0, "line %d", (i,), None)
-            for i in range(n)]
-
-
-def test_buffered_log_handler_writes_the_same_text_in_batches():
-    plain_out, buffered_out = io.StringIO(), io.StringIO()
-    plain = logging.StreamHandler(plain_out)
-    buffered = BufferedHandler(buffered_out, max_lines=3, interval=3600)
-    for h in (plain, buffered):
-        h.setFormatter(_Formatter(LOG_FORMAT))
-    records = _records(4)
-    for r in records[:2]:
-        plain.handle(r)
-        buffered.handle(r)
-    assert buffered_out.getvalue() == "" and buffered.pending == 2  # held back
-    plain.handle(records[2])
-    buffered.handle(records[2])  # the third line: a batch, written at once
-    assert buffered_out.getvalue() == plain_out.getvalue() and buffered.pending == 0
-    plain.handle(records[3])
-    buffered.handle(records[3])
-    warning = _records(1, logging.WARNING)[0]
-    plain.handle(warning)
-    buffered.handle(warning)  # a warning goes out at once, after what was waiting
-    assert buffered_out.getvalue() == plain_out.getvalue()
-    assert buffered_out.getvalue().splitlines()[-1].endswith("WARNING nodeproxy.access: line 0")
-    buffered.handle(records[0])
-    buffered.close()  # closing writes the rest
-    assert buffered_out.getvalue().endswith("INFO nodeproxy.access: line 0\n")
-
-
-async def test_buffered_log_lines_are_written_within_the_interval():
-    out = io.StringIO()
-    handler = BufferedHandler(out, max_lines=1000, interval=0.05)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        async with trio.open_nursery() as n:
-            n.start_soon(_flush_logs_periodically, 0.05)
-            handler.handle(_records(1)[0])
-            with trio.fail_after(5):  # a quiet process still writes its last line
-                while not out.getvalue():
-                    await trio.sleep(0.01)
-            n.cancel_scope.cancel()
-    finally:
-        root.removeHandler(handler)
-    assert out.getvalue() == "line 0\n"
-
-
-def test_a_clean_exit_writes_every_buffered_line():
-    script = (
-        "import logging, sys\n"
-        "from l7gateway.gateway import configure_logging\n"
-        "configure_logging(stream=sys.stdout)\n"
-        "log = logging.getLogger('nodeproxy.access')\n"
-        "for i in range(10):\n"
-        "    log.info('line %d', i)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60, cwd=str(Path(__file__).parents[2]))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert [ln.split(": ", 1)[1] for ln in lines] == [f"line {i}" for i in range(10)]
-    assert all(" INFO nodeproxy.access: " in ln for ln in lines)
 
 
 def test_sigterm_is_a_clean_exit_that_keeps_the_log(tmp_path):
