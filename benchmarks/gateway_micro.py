@@ -241,6 +241,8 @@ async def _h2_worker(stream: Any, load: _Load, streams: int) -> None:
     import h2.connection
     import h2.events
 
+    import tests.h2peer  # noqa: F401 - h2's DATA repr made cheap, as in the tests
+
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     await stream.send_all(conn.data_to_send())

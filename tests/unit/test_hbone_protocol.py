@@ -246,11 +246,13 @@ def test_garbage_preface_is_a_protocol_error_with_goaway() -> None:
 
 
 def test_data_frame_repr_workaround_in_effect() -> None:
-    assert p.DATA_REPR_WORKAROUND is True
+    from tests import h2peer
+
+    assert h2peer.DATA_REPR_WORKAROUND is True
     frame = hyperframe.frame.DataFrame(1, b"\xab" * (1024 * 1024))
     text = repr(frame)
     # Without the workaround, the body is serialised and hex-encoded ("<hex:abab...").
     assert "hex" not in text and "abab" not in text
     assert "1048576 bytes" in text
     assert len(text) < 200
-    assert p.install_data_repr_workaround() is True  # idempotent
+    assert h2peer.install_data_repr_workaround() is True  # idempotent

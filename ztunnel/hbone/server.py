@@ -12,9 +12,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import trio
-from h2.errors import ErrorCodes
 
 from .connection import HboneConnection, HboneStream
+from .frames import ErrorCode
 from .protocol import ConnectRequest, parse_forwarded_for
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ async def _run_handler(handler: Handler, request: HboneRequest) -> None:
         await handler(request)
         if not request.answered:
             log.warning("HBONE handler returned without answering %r; resetting", request)
-            stream._abort(ErrorCodes.REFUSED_STREAM)
+            stream._abort(ErrorCode.REFUSED_STREAM)
     except Exception:
         log.exception("HBONE handler failed for %r; resetting the stream", request)
-        stream._abort(ErrorCodes.INTERNAL_ERROR)
+        stream._abort(ErrorCode.INTERNAL_ERROR)
     finally:
         await stream.aclose()  # resets the stream unless both directions ended cleanly
 
