@@ -10,6 +10,7 @@ barely moves it, unlike wall-clock figures.
     python -m benchmarks.l4_micro conn      # new connections: 78 B up, 1,200 B back, close
     python -m benchmarks.l4_micro latency   # one connection, 1 KB ping-pong (CPU and p50)
     python -m benchmarks.l4_micro rps -c 32 # 32 connections, 1 KB ping-pong each (CPU per op)
+    python -m benchmarks.l4_micro latency -c 8  # the same with 8 idle connections (streams) open
     python -m benchmarks.l4_micro idle      # memory per open idle connection (95: one HBONE conn)
     python -m benchmarks.l4_micro bulk      # 256 MiB one way over one connection
 
@@ -109,6 +110,10 @@ async def _loadgen(mode: str) -> None:
             msg = b"x" * 1024
             lat: list[float] = []
             conns = 1 if mode == "latency" else conc
+            # latency: `conc - 1` idle connections beside the one measured (streams on the
+            # same HBONE connection, as pooled keep-alive connections of a gateway are)
+            idle = [await trio.open_tcp_stream("127.0.0.1", port)
+                    for _ in range(conc - 1 if mode == "latency" else 0)]
 
             async def pinger() -> None:
                 s = await trio.open_tcp_stream("127.0.0.1", port)
@@ -124,6 +129,8 @@ async def _loadgen(mode: str) -> None:
             async with trio.open_nursery() as w:
                 for _ in range(conns):
                     w.start_soon(pinger)
+            for s in idle:
+                await s.aclose()
             n = len(lat)
             lat.sort()
             out["ops"] = n
@@ -287,7 +294,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=["conn", "latency", "rps", "idle", "bulk"])
     ap.add_argument("-n", type=int, default=None)
-    ap.add_argument("-c", "--concurrency", type=int, default=8)
+    ap.add_argument("-c", "--concurrency", type=int, default=None,
+                    help="connections (conn: 8, rps: 32, latency: 1 + idle ones)")
     ap.add_argument("-r", "--repeat", type=int, default=3)
     ap.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", metavar="FILE", help="cProfile the proxies into FILE")
@@ -297,6 +305,8 @@ def main() -> None:
     if args.loadgen:
         trio.run(_loadgen, args.mode)
         return
+    if args.concurrency is None:
+        args.concurrency = {"conn": 8, "rps": 32}.get(args.mode, 1)
     n = args.n or {"conn": 2000, "latency": 3000, "rps": 12800, "idle": 95, "bulk": 256}[args.mode]
     all_results = []
     for _ in range(args.repeat):

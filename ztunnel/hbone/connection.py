@@ -5,7 +5,8 @@ transport whenever a write could block. Every other task changes HTTP/2 state sy
 then waits (``_flush``) until the writer has written what was queued so far, unless the writer was
 idle (one chunk per connection may be queued unwaited): that wait, and HTTP/2's flow control
 windows, are the back-pressure. The writer sends what every stream queued in one scheduler
-pass as one TLS write; a write made by the only task of its pass goes out at once (``_kick``).
+pass as one TLS write; on a quiet connection, a write made by the only task of its pass goes
+out at once (``_kick``).
 A stream can hand its received bytes to a sink (the relay) from the reader task, so that a
 tunnel between HBONE and a TCP socket needs no task of its own for that direction. Received DATA
 is acknowledged to the peer only when the consumer takes it from
@@ -114,7 +115,8 @@ def _tls_drainer(transport: trio.abc.Stream) -> Callable[[bytes], bytes] | None:
 
 
 class _LoopBatch(trio.abc.Instrument):
-    """How many tasks the event loop's current pass runs (its batch), for :meth:`_kick`.
+    """The event loop's passes (one per wait for I/O) and how many tasks the current one runs
+    (its batch), for :meth:`HboneConnection._kick`.
 
     trio runs, each pass, the tasks that were runnable when its wait for I/O returned; tasks
     woken during the pass wait for the next one. The count is read from the run queue, which
@@ -123,15 +125,17 @@ class _LoopBatch(trio.abc.Instrument):
     and :attr:`size` stays high, so every write goes through the writer task as before.
     """
 
-    __slots__ = ("size", "_runq")
+    __slots__ = ("size", "passes", "_runq")
 
     UNKNOWN = 1 << 30
 
     def __init__(self, runq: Sized) -> None:
         self.size = self.UNKNOWN
+        self.passes = 0
         self._runq = runq
 
     def after_io_wait(self, timeout: float) -> None:
+        self.passes += 1
         self.size = len(self._runq)
 
 
@@ -715,6 +719,7 @@ class HboneConnection:
         self._started = False
         self._direct: _DirectTls | None = None  # set in run(): the handshake is done by then
         self._batch = _loop_batch()
+        self._kicked_in = -2  # the event-loop pass of the last _kick()
         self._run_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
@@ -752,23 +757,26 @@ class HboneConnection:
 
     # -- writer ---------------------------------------------------------------------------------
     def _kick(self) -> None:
-        """Send whatever HTTP/2 has queued: now, from the calling task, when no other task
-        runs in this event-loop pass; else through the writer task.
+        """Send whatever HTTP/2 has queued: now, from the calling task, when this connection is
+        quiet; else through the writer task.
 
         The writer batches the frames of every stream that wrote in the same scheduler pass
         into one TLS write, which is what makes many concurrent streams cheap. But it costs a
         task switch and an event-loop pass per write, which at one connection is a good part
-        of a hop's latency. When the caller is the only task of this pass, nothing could join
-        its frames, so they go out inline (what the socket does not take now, the writer
-        sends). (Writing inline whenever the writer was idle cost ≈ 40 % more CPU per request
-        at 32 concurrent connections, where the writes of several streams no longer shared a
-        syscall and a TLS record; inline when this connection wrote nothing in the previous
-        pass still cost ≈ 15 % more per new connection.) While the reader dispatches events,
-        kicks are left to the reader, which kicks once after the batch."""
+        of a hop's latency. So the frames go out inline when the caller is the only task of
+        this event-loop pass (nothing could join them now) and this connection wrote nothing
+        in the pass before (under load the writer, which runs in the next pass, gathers the
+        frames of the tasks of that pass too); what the socket does not take now, the writer
+        sends. (Writing inline whenever the writer was idle cost ≈ 40 % more CPU per request
+        at 32 concurrent connections: their writes no longer shared a syscall and a TLS
+        record; inline on the first condition alone, ≈ 15 %.) While the reader dispatches
+        events, kicks are left to the reader, which kicks once after the batch."""
         if self._dispatching:
             return
+        batch = self._batch
+        last, self._kicked_in = self._kicked_in, batch.passes
         direct = self._direct
-        if (self._batch.size <= 1 and len(self._streams) <= 1 and direct is not None
+        if (batch.size <= 1 and batch.passes - last > 1 and direct is not None
                 and self._written_seq == self._pending_seq and self.dead_reason is None):
             try:
                 if direct.send_nowait(self._proto.data_to_send()):
