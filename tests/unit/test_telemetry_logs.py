@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from nodeproxy.telemetry.logs import (
     LineFormatter,
     flush_logs_periodically,
 )
+from tests.pki import make_pki
 
 
 def _records(n: int, level: int = logging.INFO) -> list[logging.LogRecord]:
@@ -88,27 +90,17 @@ def test_a_clean_exit_writes_every_buffered_line():
 
 
 
-def test_node_proxy_stopped_by_sigterm_writes_its_last_lines(tmp_path):
-    """The node proxy logs through the buffered handler too: what it logged up to its exit
-    (INFO lines, held back for up to 100 ms) is all there after a SIGTERM."""
-    import signal
-
-    from tests.pki import make_pki
-
-    (tmp_path / "root.pem").write_bytes(make_pki().root_pem)
-    (tmp_path / "token").write_text("t\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nodeproxy.cli", "ztunnel", "--node", "n1",
-         "--controlplane", "127.0.0.1:9", "--ca-root", str(tmp_path / "root.pem"),
-         "--token-file", str(tmp_path / "token"), "--agent-socket", str(tmp_path / "agent"),
-         "--admin", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--ready", "127.0.0.1:0",
-         "--drain-seconds", "0"],
-        stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).parents[2]))
+def _stop_after(argv: list[str], marker: str) -> tuple[int, str]:
+    """Run a proxy process until ``marker`` is in its log, SIGTERM it (as the lab and kubelet
+    stop it); its exit code and what it logged after the marker."""
+    proc = subprocess.Popen([sys.executable, "-m", "nodeproxy.cli", *argv],
+                            stderr=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).parents[2]))
     try:
         seen = ""
-        while "(/healthz/ready)" not in seen:
+        while marker not in seen:
             line = proc.stderr.readline()
-            assert line, f"node proxy exited early ({proc.wait()}): {seen}"
+            assert line, f"{argv[0]} exited early ({proc.wait()}): {seen}"
             seen += line
         proc.send_signal(signal.SIGTERM)
         _, rest = proc.communicate(timeout=30)
@@ -116,7 +108,34 @@ def test_node_proxy_stopped_by_sigterm_writes_its_last_lines(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, rest
+    return proc.returncode, rest
+
+
+def _credentials(tmp_path: Path) -> list[str]:
+    (tmp_path / "root.pem").write_bytes(make_pki().root_pem)
+    (tmp_path / "token").write_text("t\n")
+    return ["--controlplane", "127.0.0.1:9", "--ca-root", str(tmp_path / "root.pem"),
+            "--token-file", str(tmp_path / "token")]
+
+
+def test_gateway_stopped_by_sigterm_exits_cleanly_and_keeps_the_log(tmp_path):
+    """The gateway process stopped by SIGTERM exits 0 and writes every line it logged (its
+    "serving" line, too, comes out within the flush interval)."""
+    code, rest = _stop_after(
+        ["gateway", "--namespace", "shop", *_credentials(tmp_path), "--listen", "127.0.0.1:0",
+         "--metrics", "127.0.0.1:0", "--ready", "127.0.0.1:0"], "serving HBONE")
+    assert code == 0, rest
+    assert "gateway stopping (signal 15)" in rest
+
+
+def test_node_proxy_stopped_by_sigterm_writes_its_last_lines(tmp_path):
+    """The node proxy logs through the buffered handler too: what it logged up to its exit
+    (INFO lines, held back for up to 100 ms) is all there after a SIGTERM."""
+    code, rest = _stop_after(
+        ["ztunnel", "--node", "n1", *_credentials(tmp_path), "--agent-socket",
+         str(tmp_path / "agent"), "--admin", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
+         "--ready", "127.0.0.1:0", "--drain-seconds", "0"], "(/healthz/ready)")
+    assert code == 0, rest
     lines = rest.splitlines()
     assert any("INFO ztunnel.proxy: signal SIGTERM: shutting down" in ln for ln in lines)
     assert lines[-1].endswith("INFO ztunnel.proxy: drained (0 connections left)"), rest

@@ -257,15 +257,20 @@ class _DirectTls:
                 return b""
             incoming.write(data)
 
-    def send_nowait(self, data: bytes) -> bool:
-        """Encrypt ``data`` and send what the socket takes now; the rest is kept for the next
-        :meth:`send` (it goes first). Says whether everything went. Errors: OSError,
-        ssl.SSLError."""
+    def _wire(self, data: bytes | None) -> bytes:
+        """Encrypt ``data``; what is to go on the wire now (held-back bytes first)."""
         if data:
             self._obj.write(data)
         wire = self._out.read()
         if self._delayed:
             wire, self._delayed = self._delayed + wire, b""
+        return wire
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Encrypt ``data`` and send what the socket takes now; the rest is kept for the next
+        :meth:`send` (it goes first). Says whether everything went. Errors: OSError,
+        ssl.SSLError."""
+        wire = self._wire(data)
         if not wire:
             return True
         try:
@@ -280,14 +285,9 @@ class _DirectTls:
     async def send(self, data: bytes | None) -> None:
         """Encrypt and send ``data`` (and whatever TLS queued itself). Errors: OSError,
         ssl.SSLError. No schedule point unless the socket is full: the caller has one."""
-        if data:
-            self._obj.write(data)
-        wire = self._out.read()
-        if self._delayed:
-            wire, self._delayed = self._delayed + wire, b""
-        if not wire:
-            return
-        await send_all_nonblocking(self._sock, wire)
+        wire = self._wire(data)
+        if wire:
+            await send_all_nonblocking(self._sock, wire)
 
 
 class StreamSink(Protocol):
