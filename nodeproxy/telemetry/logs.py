@@ -43,7 +43,7 @@ class BufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     Lines are formatted when logged (same text as a plain handler), kept in order, and
     written when ``max_lines`` are waiting, when the oldest is ``interval`` old as a new one
     comes, on a WARNING or worse (written at once, after those before it), and on
-    :meth:`flush`: :meth:`Gateway.run` flushes every ``interval`` so that a quiet gateway's
+    :meth:`flush`: the process runs :func:`flush_logs_periodically` so that a quiet proxy's
     last lines never wait long, and ``logging.shutdown`` (at interpreter exit) and
     :meth:`close` flush the rest, so nothing is lost on a clean exit."""
 
