@@ -184,50 +184,45 @@ async def test_h2_garbage_gets_goaway_protocol_error(nursery):
         assert frame is not None and frame.error_code == ErrorCodes.PROTOCOL_ERROR
 
 
-async def test_rapid_reset_flood_is_cut_off(nursery):
+async def _flood_is_cut_off(nursery, h2_config: H2Config, flood) -> None:
+    """``flood(attacker)`` queues frames on an h2 client; sent on one tunnel, they end its
+    HTTP/2 connection with GOAWAY ENHANCE_YOUR_CALM, while another client on the same HBONE
+    connection is unaffected."""
     state = await _setup(nursery)
-    config = GatewayConfig(h2=H2Config(max_resets=50, reset_window=10.0))
-    async with gateway(state, config=config) as h:
+    async with gateway(state, config=GatewayConfig(h2=h2_config)) as h:
         conn = await h.connect()
         good = await _h2_client(h, nursery, conn=conn)
         t = await h.tunnel(f"{VIP}:80", conn)
         attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         attacker.initiate_connection()
+        flood(attacker)
+        try:
+            await t.send_all(attacker.data_to_send())
+        except trio.BrokenResourceError:
+            pass
+        frame = await _goaway_of(t)
+        assert frame is not None and frame.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        r = await good.request("GET", "/still-fine")
+        assert r["headers"][":status"] == "200"
+
+
+async def test_rapid_reset_flood_is_cut_off(nursery):
+    def flood(attacker: h2.connection.H2Connection) -> None:
         for _ in range(200):
             sid = attacker.get_next_available_stream_id()
             attacker.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
                                         (":authority", "web"), (":path", "/?delay=1")])
             attacker.reset_stream(sid, ErrorCodes.CANCEL)
-        try:
-            await t.send_all(attacker.data_to_send())
-        except trio.BrokenResourceError:
-            pass
-        frame = await _goaway_of(t)
-        assert frame is not None and frame.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-        # another client on the same HBONE connection is unaffected
-        r = await good.request("GET", "/still-fine")
-        assert r["headers"][":status"] == "200"
+
+    await _flood_is_cut_off(nursery, H2Config(max_resets=50, reset_window=10.0), flood)
 
 
 async def test_ping_flood_is_cut_off(nursery):
-    state = await _setup(nursery)
-    config = GatewayConfig(h2=H2Config(max_pings=30, reset_window=10.0))
-    async with gateway(state, config=config) as h:
-        conn = await h.connect()
-        good = await _h2_client(h, nursery, conn=conn)
-        t = await h.tunnel(f"{VIP}:80", conn)
-        attacker = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        attacker.initiate_connection()
+    def flood(attacker: h2.connection.H2Connection) -> None:
         for i in range(100):
             attacker.ping(b"%08d" % i)
-        try:
-            await t.send_all(attacker.data_to_send())
-        except trio.BrokenResourceError:
-            pass
-        frame = await _goaway_of(t)
-        assert frame is not None and frame.error_code == ErrorCodes.ENHANCE_YOUR_CALM
-        r = await good.request("GET", "/still-fine")
-        assert r["headers"][":status"] == "200"
+
+    await _flood_is_cut_off(nursery, H2Config(max_pings=30, reset_window=10.0), flood)
 
 
 async def test_request_body_shorter_than_its_content_length_is_reset(nursery):

@@ -131,6 +131,17 @@ class Inbound:
         if scope.cancelled_caught:
             self.results.append(trio.Cancelled._create())
 
+    async def tunnel(self, client: HboneConnection) -> tuple[HboneStream, socket.socket]:
+        """A CONNECT through ``client`` and the app connection it was relayed to."""
+        stream = await client.open_stream("10.0.0.2:80")
+        return stream, await self.app_queue.receive()
+
+    async def finished(self) -> None:
+        """Wait until the first relay has ended (its result is in :attr:`results`)."""
+        with trio.fail_after(5):
+            while not self.results:
+                await trio.sleep(0.01)
+
 
 def tasks_in(nursery_owner: trio.lowlevel.Task) -> int:
     """The tasks below (and including) a task."""
@@ -143,8 +154,7 @@ def tasks_in(nursery_owner: trio.lowlevel.Task) -> int:
 async def test_inbound_half_close_both_ways_and_counters(tmp_path: Path) -> None:
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
         await stream.send_all(b"request")
         await stream.send_eof()
         assert await app_recv_exactly(app, 7) == b"request"
@@ -159,9 +169,7 @@ async def test_inbound_half_close_both_ways_and_counters(tmp_path: Path) -> None
             n.start_soon(trio.to_thread.run_sync, respond)
             assert await hbone_read_all(stream) == answer
         await stream.aclose()
-        with trio.fail_after(5):
-            while not inbound.results:
-                await trio.sleep(0.01)
+        await inbound.finished()
     (counters,) = inbound.results
     assert isinstance(counters, Counters)
     assert (counters.client_to_server, counters.server_to_client) == (7, len(answer))
@@ -171,8 +179,7 @@ async def test_inbound_half_close_both_ways_and_counters(tmp_path: Path) -> None
 async def test_inbound_app_answers_first_and_closes_first(tmp_path: Path) -> None:
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
         app.sendall(b"220 banner\r\n")
         app.shutdown(socket.SHUT_WR)
         assert await hbone_read_all(stream) == b"220 banner\r\n"
@@ -181,9 +188,7 @@ async def test_inbound_app_answers_first_and_closes_first(tmp_path: Path) -> Non
         await stream.send_eof()
         assert await app_read_all(app) == b"QUIT\r\n"
         await stream.aclose()
-        with trio.fail_after(5):
-            while not inbound.results:
-                await trio.sleep(0.01)
+        await inbound.finished()
     assert isinstance(inbound.results[0], Counters)
     app.close()
 
@@ -191,17 +196,14 @@ async def test_inbound_app_answers_first_and_closes_first(tmp_path: Path) -> Non
 async def test_inbound_app_reset_resets_the_tunnel(tmp_path: Path) -> None:
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
         await stream.send_all(b"hello")
         assert await app_recv_exactly(app, 5) == b"hello"
         app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         app.close()  # RST
         with pytest.raises(trio.BrokenResourceError, match="reset"):
             await hbone_read_all(stream)
-        with trio.fail_after(5):
-            while not inbound.results:
-                await trio.sleep(0.01)
+        await inbound.finished()
         assert isinstance(inbound.results[0], RelayError)
         assert client.is_usable  # only the stream was reset
         await stream.aclose()
@@ -210,15 +212,12 @@ async def test_inbound_app_reset_resets_the_tunnel(tmp_path: Path) -> None:
 async def test_tunnel_reset_resets_the_app_connection(tmp_path: Path) -> None:
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
         await stream.send_all(b"hello")
         assert await app_recv_exactly(app, 5) == b"hello"
         await stream.aclose()  # RST_STREAM
         assert await trio.to_thread.run_sync(app_is_reset, app)
-        with trio.fail_after(5):
-            while not inbound.results:
-                await trio.sleep(0.01)
+        await inbound.finished()
         assert isinstance(inbound.results[0], RelayError)
     app.close()
 
@@ -226,17 +225,14 @@ async def test_tunnel_reset_resets_the_app_connection(tmp_path: Path) -> None:
 async def test_tunnel_reset_after_its_half_close_still_resets_the_app(tmp_path: Path) -> None:
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
         await stream.send_all(b"hello")
         await stream.send_eof()
         assert await app_recv_exactly(app, 5) == b"hello"
         assert await trio.to_thread.run_sync(app.recv, 10) == b""
         await stream.aclose()  # RST_STREAM after END_STREAM
         assert await trio.to_thread.run_sync(app_is_reset, app)
-        with trio.fail_after(5):
-            while not inbound.results:
-                await trio.sleep(0.01)
+        await inbound.finished()
         assert isinstance(inbound.results[0], RelayError)
     app.close()
 
@@ -250,8 +246,7 @@ async def test_slow_app_reader_gets_everything_in_order_and_buffering_is_bounded
     payload = bytes(range(251)) * (16 * 1024 * 1024 // 251)  # ~16 MiB, not a power of two
     sent = 0
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
 
         async def sender() -> None:
             nonlocal sent
@@ -276,9 +271,7 @@ async def test_slow_app_reader_gets_everything_in_order_and_buffering_is_bounded
         app.shutdown(socket.SHUT_WR)
         assert await hbone_read_all(stream) == b""
         await stream.aclose()
-        with trio.fail_after(5):
-            while not inbound.results:
-                await trio.sleep(0.01)
+        await inbound.finished()
     assert isinstance(inbound.results[0], Counters)
     assert inbound.results[0].client_to_server == len(payload)
     app.close()
@@ -288,8 +281,7 @@ async def test_cancelling_an_inbound_relay_resets_both_sides(tmp_path: Path) -> 
     """What a policy change does to a live connection: both ends see a reset."""
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:
-        stream = await client.open_stream("10.0.0.2:80")
-        app = await inbound.app_queue.receive()
+        stream, app = await inbound.tunnel(client)
         await stream.send_all(b"hello")
         assert await app_recv_exactly(app, 5) == b"hello"
         inbound.cancel[0].cancel()
