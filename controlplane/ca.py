@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 ROOT_KEY_FILE = "root-key.pem"
 ROOT_CERT_FILE = "root-cert.pem"
 ROOT_TTL = timedelta(days=3650)
+# Certificates are valid from a little before they are made, as Istio's CA does
+# (ClockSkewGracePeriod): a node whose clock runs behind the control plane's, or a
+# machine whose clock is stepped back just after boot, must not see "not yet valid".
+CLOCK_SKEW_GRACE = timedelta(minutes=2)
 
 
 class NotAuthorized(CertError):
@@ -93,7 +97,7 @@ class CertificateAuthority:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
+            .not_valid_before(now - CLOCK_SKEW_GRACE)
             .not_valid_after(now + ROOT_TTL)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
@@ -210,7 +214,7 @@ class CertificateAuthority:
             .issuer_name(self._cert.subject)
             .public_key(pub)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
+            .not_valid_before(now - CLOCK_SKEW_GRACE)
             .not_valid_after(not_after)
             .add_extension(
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ident)]),

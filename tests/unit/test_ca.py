@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import stat
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from controlplane.ca import CAError, CertificateAuthority, NotAuthorized
+from controlplane.ca import CLOCK_SKEW_GRACE, CAError, CertificateAuthority, NotAuthorized
 from nodeproxy import certs
 from nodeproxy.certs import CertError
 
@@ -92,8 +92,21 @@ def test_signed_leaf_profile(ca):
     assert aki.key_identifier == root_ski.digest
     assert ext.get_extension_for_class(x509.SubjectKeyIdentifier)
     assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256)
-    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(hours=24)
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == timedelta(hours=24, minutes=2)
     _verify(chain, ca.root_pem)
+
+
+def test_leaf_and_root_are_valid_from_two_minutes_before_signing():
+    """A node whose clock is a minute behind the CA's still accepts what it is given."""
+    signed_at = datetime(2026, 12, 5, 18, 0, 0, tzinfo=UTC)
+    ca = CertificateAuthority.create(clock=lambda: signed_at)
+    chain, _ = ca.issue(ID, timedelta(hours=24))
+    leaf = x509.load_pem_x509_certificate(chain[0])
+    root = x509.load_pem_x509_certificate(ca.root_pem)
+    assert CLOCK_SKEW_GRACE == timedelta(minutes=2)
+    assert leaf.not_valid_before_utc == root.not_valid_before_utc == signed_at - CLOCK_SKEW_GRACE
+    assert leaf.not_valid_after_utc == signed_at + timedelta(hours=24)
+    _verify(chain, ca.root_pem, at=signed_at - timedelta(minutes=1))
 
 
 def test_refuses_identity_of_another_trust_domain(ca):
@@ -162,8 +175,11 @@ def test_leaf_from_other_ca_does_not_verify(ca):
         _verify(chain, ca.root_pem)
 
 
-def _verify(chain: list[bytes], root_pem: bytes) -> None:
+def _verify(chain: list[bytes], root_pem: bytes, at: datetime | None = None) -> None:
     store = Store([x509.load_pem_x509_certificate(root_pem)])
     leaf = x509.load_pem_x509_certificate(chain[0])
-    verified = PolicyBuilder().store(store).build_client_verifier().verify(leaf, [])
+    policy = PolicyBuilder().store(store)
+    if at is not None:
+        policy = policy.time(at)
+    verified = policy.build_client_verifier().verify(leaf, [])
     assert [n.value for n in verified.subjects] == [ID]

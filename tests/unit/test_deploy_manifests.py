@@ -446,14 +446,19 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_image_requirements_match_pyproject_and_cover_the_closure():
-    lock = {}
-    for line in (DEPLOY / "requirements.txt").read_text().splitlines():
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
-            assert version, f"{line}: not pinned with =="
-            lock[_norm(name)] = version
+            assert version, f"{path.name}: {line}: not pinned with =="
+            pins[_norm(name)] = version
+    return pins
+
+
+def test_image_requirements_match_pyproject_and_cover_the_closure():
+    lock = _pins(DEPLOY / "requirements.txt")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for dep in project["dependencies"]:
         name, _, version = dep.partition("==")
@@ -471,6 +476,23 @@ def test_image_requirements_match_pyproject_and_cover_the_closure():
             req = Requirement(text)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 todo.append(req.name)
+
+
+def test_the_whole_dev_venv_is_pinned():
+    """`make` installs with both lock files as constraints: nothing in the venv floats."""
+    image, dev = _pins(DEPLOY / "requirements.txt"), _pins(ROOT / "tests" / "requirements.txt")
+    assert not set(image) & set(dev), "a package is pinned in both lock files"
+    for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["test"]:
+        name, _, version = dep.partition("==")
+        assert dev.get(_norm(name)) == version, f"{dep} differs in tests/requirements.txt"
+    pins = image | dev
+    tools = {"pip", "setuptools", "wheel", "nodeproxy"}  # the venv's own and the project
+    for dist in md.distributions():
+        key = _norm(dist.metadata["Name"])
+        if key not in tools:
+            assert pins.get(key) == dist.version, f"{key} {dist.version} not pinned as installed"
 
 
 def test_documented_ca_secret_is_one_the_control_plane_loads(tmp_path):
