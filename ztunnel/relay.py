@@ -22,6 +22,7 @@ from ztunnel.sockets import reset_on_close, send_all_nonblocking
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+_MORE = socket.MSG_MORE
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -170,9 +171,14 @@ class _HboneToSocket:
         self.failure: BaseException | None = None
         self.task_done: trio.Event | None = None  # set when a drainer task was started
 
-    def data(self, data: bytes) -> int:
+    def data(self, data: bytes, last: bool = False) -> int:
         try:
-            n = self.sock.send(data)
+            # When the end follows at once, MSG_MORE holds the bytes back for the shutdown
+            # that comes next in this same pass (event()): bytes and FIN leave in one
+            # segment. Sent apart, a client that closes as soon as it has a whole response
+            # (wrk, with Connection: close) often closes first and is left with the
+            # TIME_WAIT the server would have held: its ports run out at a high rate.
+            n = self.sock.send(data, _MORE) if last else self.sock.send(data)
         except OSError:  # full (BlockingIOError) or broken: the drainer task finds out which
             return 0
         if self.upstream:

@@ -19,6 +19,7 @@ SOL_IP = 0
 SO_ORIGINAL_DST = 80
 IP_TRANSPARENT = 19
 IP_FREEBIND = 15
+IP_BIND_ADDRESS_NO_PORT = 24
 
 OUTBOUND_PORT = 15001
 INBOUND_PLAINTEXT_PORT = 15006
@@ -71,6 +72,10 @@ def prepare_connector(sock: socket.socket, *, spoof_source: str | None = None) -
         if spoof_source is not None:
             sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
             sock.setsockopt(SOL_IP, IP_FREEBIND, 1)
+            # the port is chosen by connect(), for the whole address pair, not by bind()
+            # alone: a port in use towards one destination (or in TIME_WAIT) stays usable
+            # towards others, as Envoy does for a bound source address
+            sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((spoof_source, 0))
         sock.setblocking(False)
     except BaseException:

@@ -176,6 +176,9 @@ async def test_socket_stock_makes_sockets_in_the_pod_netns() -> None:
             assert all(socket_netns(s) != netns_id(fd) for s in [socket.socket()])
             sock = prepare_connector(taken[0])
             assert sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == PROXY_MARK
+            # a spoofed source leaves the port to connect() (IP_BIND_ADDRESS_NO_PORT)
+            spoofed = prepare_connector(taken[1], spoof_source="10.1.2.3")
+            assert spoofed.getsockname() == ("10.1.2.3", 0)
             spare = len(stock)
         finally:
             stock.close()

@@ -193,6 +193,29 @@ async def test_inbound_app_answers_first_and_closes_first(tmp_path: Path) -> Non
     app.close()
 
 
+def tcp_segments_in(sock: socket.socket) -> int:
+    """How many TCP segments the socket has received (tcpi_segs_in of TCP_INFO)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256),
+                              140)[0]
+
+
+async def test_last_bytes_and_their_end_reach_the_app_in_one_segment(tmp_path: Path) -> None:
+    """DATA with END_STREAM becomes one TCP segment with FIN: an app that closes as soon as
+    it has what it waited for (an HTTP client given Connection: close) has already seen the
+    peer's close, as it would from the server itself, and is not left in TIME_WAIT."""
+    inbound = Inbound()
+    async with hbone_over_tls(tmp_path, inbound) as client:
+        stream, app = await inbound.tunnel(client)
+        await trio.sleep(0.05)  # the app's side of the handshake is settled
+        before = tcp_segments_in(app)
+        await stream._send(b"HTTP/1.1 200 OK\r\n\r\nbye", eof=True)  # as the relay sends
+        assert await app_read_all(app) == b"HTTP/1.1 200 OK\r\n\r\nbye"
+        assert tcp_segments_in(app) - before == 1  # bytes and FIN together
+        await stream.aclose()
+        await inbound.finished()
+    app.close()
+
+
 async def test_inbound_app_reset_resets_the_tunnel(tmp_path: Path) -> None:
     inbound = Inbound()
     async with hbone_over_tls(tmp_path, inbound) as client:

@@ -294,8 +294,9 @@ class StreamSink(Protocol):
     """A consumer of an :class:`HboneStream`'s received bytes that needs no task of its own
     while its destination takes bytes at once (the relay, towards a TCP socket)."""
 
-    def data(self, data: bytes) -> int:
-        """Take what can be taken without blocking; return how many bytes were taken."""
+    def data(self, data: bytes, last: bool = False) -> int:
+        """Take what can be taken without blocking; return how many bytes were taken.
+        ``last``: the end of the stream follows at once (the sink may send both together)."""
         ...
 
     def event(self, stream: HboneStream) -> None:
@@ -388,7 +389,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     # -- called by the connection -----------------------------------------------------------
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes, last: bool = False) -> None:
         sink = self._sink
         if sink is not None and not self._recv and (
             self._evented or (self._waiter is not None and self._recv_busy)
@@ -398,7 +399,7 @@ class HboneStream(trio.abc.HalfCloseableStream):
             # (evented). The sink (the relay: a non-blocking send to its TCP socket) takes the
             # bytes here, which saves waking a task (a task switch per delivery); what it does
             # not take is buffered and the consumer told, as usual, so order is kept.
-            n = sink.data(data)
+            n = sink.data(data, last)
             if n:
                 self.connection._acknowledge(self.stream_id, n)
                 if n == len(data):
@@ -927,15 +928,21 @@ class HboneConnection:
             if self.dead_reason is not None:
                 return self.dead_reason
 
-    def _dispatch(self, events: Iterable[p.Event]) -> None:
+    def _dispatch(self, events: list[p.Event]) -> None:
         streams = self._streams
-        for ev in events:
+        last_i = len(events) - 1
+        for i, ev in enumerate(events):
             if isinstance(ev, p.DataReceived):
                 stream = streams.get(ev.stream_id)
                 if stream is None or stream._closed:
                     self._proto.acknowledge(ev.stream_id, len(ev.data))
                 else:
-                    stream._on_data(ev.data)
+                    # the stream's end right behind its bytes (END_STREAM on this frame): a
+                    # relay sends both in one TCP segment, so its client sees the close with
+                    # the last bytes, as it would from the server itself
+                    nxt = events[i + 1] if i < last_i else None
+                    stream._on_data(ev.data, type(nxt) is p.EndOfStream
+                                    and nxt.stream_id == ev.stream_id)
             elif isinstance(ev, p.WindowChanged):
                 self._window_lot.unpark_all()
             elif isinstance(ev, p.EndOfStream):
