@@ -233,7 +233,7 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
         async def outbound(sock: trio.SocketStream) -> None:  # node-a
             started = time.monotonic()
             src = sock.socket.getpeername()
-            headers = connect_headers("10.0.0.2:80", forwarded_for=f'for="{src[0]}:{src[1]}"',
+            headers = connect_headers("10.0.0.2:80", forwarded_for=f"{src[0]}:{src[1]}",
                                       baggage="k8s.namespace.name=default,k8s.pod.name=sleep",
                                       traceparent=new_traceparent())
             upstream = await client.open_stream("10.0.0.2:80", headers)

@@ -197,12 +197,10 @@ async def _open_hbone(
     """
     assert plan.identity is not None
     key = PoolKey(pod.identity, frozenset({plan.identity}), (plan.address, HBONE_PORT), src_ip)
-    forwarded = f'for="{fmt_addr(src_ip, src_port)}"'
-    if plan.service is not None:
-        forwarded += f";host={plan.service.hostname}"
     headers = connect_headers(
         plan.authority,
-        forwarded_for=forwarded,
+        forwarded_for=fmt_addr(src_ip, src_port),
+        host=plan.service.hostname if plan.service is not None else None,
         baggage=f"k8s.namespace.name={pod.namespace},k8s.pod.name={pod.name}",
         traceparent=new_traceparent(),
     )

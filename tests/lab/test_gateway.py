@@ -423,6 +423,18 @@ def test_a_failing_endpoint_gets_little_traffic(gw: Lab):
     assert counts.get("200 flaky-good", 0) >= 64, counts
 
 
+def gateway_log_line(lab: Lab, marker: str) -> str:
+    """The gateway's access-log line of the request whose path holds ``marker``."""
+
+    def logged() -> str | None:
+        for line in lab.logs("pod-web-nodeproxy-gateway").splitlines():
+            if marker in line and "direction=waypoint" in line:
+                return line
+        return None
+
+    return wait_for("the gateway's access-log line", logged)
+
+
 def test_retry_attempts_are_bounded(gw: Lab):
     marker = f"/attempts/{os.getpid()}"
     # ?status=503 makes the healthy replica fail too: every attempt fails
@@ -430,14 +442,21 @@ def test_retry_attempts_are_bounded(gw: Lab):
                    "-m", "10", f"http://allbad.web{marker}?status=503")
     assert proc.stdout == "503"
 
-    def logged():
-        for line in gw.logs("pod-web-nodeproxy-gateway").splitlines():
-            if marker in line and "direction=waypoint" in line:
-                return line
-        return None
-
-    line = wait_for("the gateway's access-log line", logged)
+    line = gateway_log_line(gw, marker)
     assert "attempts=2" in line, line  # the first try and exactly one retry
+
+
+def test_the_gateway_logs_the_callers_own_address_and_port(gw: Lab):
+    """The client's node proxy names the caller in the CONNECT's `forwarded: for="ip:port"`
+    header; the gateway's access log shows that address, not the tunnel's."""
+    marker = f"/who/{os.getpid()}"
+    proc = gw.exec("front/client", "curl", "-s", "-o", "/dev/null", "-m", "10",
+                   "-w", "%{local_ip}:%{local_port}", f"http://plain.web{marker}")
+    caller = proc.stdout.strip()
+    assert re.fullmatch(r"[0-9.]+:[0-9]+", caller), proc
+
+    line = gateway_log_line(gw, marker)
+    assert f"src.addr={caller} " in line, line
 
 
 def test_backend_request_timeout_bounds_one_attempt(gw: Lab):

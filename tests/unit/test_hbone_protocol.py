@@ -86,6 +86,11 @@ def test_connect_headers_carry_forwarded_baggage_and_random_traceparent() -> Non
     assert h1["traceparent"] != h2_["traceparent"]
     assert set(h2_) == {"traceparent"}
     assert p.parse_forwarded_for(h1["forwarded"]) == ("10.0.0.1", 41234)
+    # addressed to a service: RFC 7239's host parameter after the caller
+    via_svc = dict(p.connect_headers("10.0.0.2:80", forwarded_for="10.0.0.1:41234", baggage=None,
+                                     host="web.shop.svc.cluster.local"))["forwarded"]
+    assert via_svc == 'for="10.0.0.1:41234";host=web.shop.svc.cluster.local'
+    assert p.parse_forwarded_for(via_svc) == ("10.0.0.1", 41234)
     with pytest.raises(p.HboneRequestError):
         p.connect_headers("not-an-ip:80", forwarded_for=None, baggage=None)
 

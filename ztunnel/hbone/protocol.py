@@ -254,15 +254,18 @@ def connect_headers(
     forwarded_for: str | None,
     baggage: str | None,
     traceparent: str | None = None,
+    host: str | None = None,
 ) -> list[tuple[str, str]]:
     """Request headers for an HBONE CONNECT (without the pseudo-headers).
 
-    ``forwarded_for`` is the client's ``ip:port``; ``traceparent`` defaults to a new random one.
+    ``forwarded_for`` is the client's ``ip:port`` (``host``: the service it addressed, when
+    it addressed one); ``traceparent`` defaults to a new random one.
     """
     parse_authority(authority)  # fail early on our own bad input
     headers: list[tuple[str, str]] = []
     if forwarded_for is not None:
-        headers.append(("forwarded", f'for="{forwarded_for}"'))
+        value = f'for="{forwarded_for}"'
+        headers.append(("forwarded", f"{value};host={host}" if host else value))
     if baggage is not None:
         headers.append(("baggage", baggage))
     headers.append(("traceparent", traceparent or new_traceparent()))
