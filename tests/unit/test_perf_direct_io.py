@@ -24,7 +24,7 @@ import trio
 import trio.testing
 from test_hbone_connection import make_pki
 
-from ztunnel.hbone.connection import HboneConnection, LargeReadStream
+from ztunnel.hbone.connection import UNWAITED_WRITE_MAX, HboneConnection, LargeReadStream
 from ztunnel.hbone.protocol import HboneError
 from ztunnel.hbone.server import HboneRequest, serve_hbone_connection
 from ztunnel.relay import RelayError, relay
@@ -324,6 +324,42 @@ async def test_writes_of_many_tasks_in_one_pass_share_the_writer(tmp_path: Path)
         trio.lowlevel.remove_instrument(steps)
         assert got == {i: b"ping %d" % i for i in range(8)}
         assert "_writer_loop" in steps.names
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_small_writes_of_many_streams_in_one_pass_do_not_wait_for_the_writer(
+    tmp_path: Path,
+) -> None:
+    """Each of a busy connection's streams writing a little in the same pass goes on at once
+    (no task switch to wait for the writer's turn); beyond UNWAITED_WRITE_MAX queued, writers
+    wait (back-pressure)."""
+    async with trio.open_nursery() as nursery:
+        client, _, _ = await tls_pair(tmp_path, nursery, echo)
+        streams = [await client.open_stream("127.0.0.1:9") for _ in range(8)]
+
+        async def one_pass(size: int) -> list[bool]:
+            go = trio.Event()
+            waited: dict[int, bool] = {}
+
+            async def write(i: int) -> None:
+                await go.wait()  # all eight wake in the same pass
+                waited[i] = await streams[i]._send(b"%d" % i * size)
+
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(write, i)
+                await trio.testing.wait_all_tasks_blocked()
+                go.set()
+            for i in range(8):
+                got = b""
+                while len(got) < size:
+                    got += await streams[i].receive_some()
+                assert got == b"%d" % i * size
+            return [waited[i] for i in range(8)]
+
+        assert await one_pass(100) == [False] * 8
+        assert any(await one_pass(UNWAITED_WRITE_MAX // 4))  # 8 x 16 KiB: some wait
         await client.aclose()
         nursery.cancel_scope.cancel()
 

@@ -588,8 +588,12 @@ class HboneStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             while off < len(view):
                 self._check_send()
-                # the writer has nothing to do, and this is a small write
-                idle = conn._written_seq == conn._pending_seq and len(view) <= UNWAITED_WRITE_MAX
+                # a small write, and the writer has nothing to do or little that nobody waits
+                # for: it need not be waited for either
+                size = len(view)
+                idle = size <= UNWAITED_WRITE_MAX and (
+                    conn._written_seq == conn._pending_seq
+                    or conn._unwaited + size <= UNWAITED_WRITE_MAX)
                 try:
                     n = conn._proto.send_data(self.stream_id, view[off:])
                 except H2Error as e:
@@ -608,13 +612,16 @@ class HboneStream(trio.abc.HalfCloseableStream):
                     if self.finished:
                         conn._forget(self)
                 if idle and off == len(view):
-                    # The writer was idle: _kick() wakes it to send this; we need not wait
-                    # for it (a task switch less per write). Back-pressure is kept: the next
-                    # write finds the writer busy and waits, so one small chunk at most is
-                    # queued unwaited per connection. (Large writes wait: two 256 KiB relay
-                    # chunks in one batch made the writer's buffers big enough to be mmap'ed
-                    # afresh, and their page faults cost more than the switch.) A failed
-                    # write kills the connection; the stream's next operation reports it.
+                    # _kick() sends this or wakes the writer to; we need not wait for it (a
+                    # task switch less per write). Back-pressure is kept: at most
+                    # UNWAITED_WRITE_MAX bytes wait for the writer's next take unwaited for
+                    # (the many streams of a busy connection, each writing a little in the
+                    # same pass, no longer each wait for the writer's turn); beyond that,
+                    # writers wait. (Large writes wait: two 256 KiB relay chunks in one batch
+                    # made the writer's buffers big enough to be mmap'ed afresh, and their
+                    # page faults cost more than the switch.) A failed write kills the
+                    # connection; the stream's next operation reports it.
+                    conn._unwaited += size
                     conn._kick()
                     break
                 if await conn._flush():
@@ -708,6 +715,7 @@ class HboneConnection:
         self._ping_sent_at: float | None = None
         self._pending_seq = 0
         self._written_seq = 0
+        self._unwaited = 0  # bytes queued by writers that did not wait, not yet taken
         self._dispatching = False  # the reader is dispatching events: it kicks afterwards
         self._writer_lot = trio.lowlevel.ParkingLot()
         # _flush() waiters park in _written_lot; the writer swaps in _spare_lot when it takes
@@ -779,6 +787,7 @@ class HboneConnection:
         direct = self._direct
         if (batch.size <= 1 and batch.passes - last > 1 and direct is not None
                 and self._written_seq == self._pending_seq and self.dead_reason is None):
+            self._unwaited = 0
             try:
                 if direct.send_nowait(self._proto.data_to_send()):
                     return
@@ -812,6 +821,7 @@ class HboneConnection:
             batch_lot, self._written_lot = self._written_lot, self._spare_lot
             try:
                 data = self._proto.data_to_send()
+                self._unwaited = 0
                 direct = self._direct
                 if direct is not None:
                     try:
