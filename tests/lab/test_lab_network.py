@@ -183,6 +183,16 @@ def test_second_up_is_refused(lab: Lab) -> None:
     assert lab.status()["phase"] == "running"
 
 
+def answer_once_up(lab: Lab, pod: str, url: str) -> dict:
+    """The echo answer to ``url`` from ``pod``, retried for up to 5 s while the app starts."""
+    for _ in range(50):
+        try:
+            return lab.curl(pod, url)
+        except (AssertionError, ValueError):
+            time.sleep(0.1)
+    return lab.curl(pod, url)  # the last try's error is the test's
+
+
 def test_runtime_apply_label_restart_delete_and_capture(lab: Lab) -> None:
     extra = lab.root / "extra.yaml"
     extra.write_text(f"""
@@ -202,7 +212,8 @@ spec:
 """)
     lab.run("capture", "start")
     lab.run("apply", str(extra))
-    assert lab.curl("web/client", "http://late.other:90/")["pod"] == "late"
+    # running is not listening yet (as a Kubernetes pod before its readiness probe passes)
+    assert answer_once_up(lab, "web/client", "http://late.other:90/")["pod"] == "late"
     lab.run("capture", "stop")
     pcap = Path(lab.status()["lab_dir"]) / "capture.pcap"
     dump = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True, text=True)
@@ -216,14 +227,7 @@ spec:
 
     before = {p["name"]: p for p in lab.status()["pods"]}["echo-a"]
     lab.run("restart", "pod-web-echo-a")
-    answered = None
-    for _ in range(50):
-        try:
-            answered = lab.curl("web/client", f"http://{before['ip']}:8080/")["pod"]
-            break
-        except (AssertionError, ValueError):
-            time.sleep(0.1)
-    assert answered == "echo-a"
+    assert answer_once_up(lab, "web/client", f"http://{before['ip']}:8080/")["pod"] == "echo-a"
     assert "starting" in lab.run("logs", "pod-web-echo-a").stdout
 
     lab.run("delete", "pod", "other/late")
