@@ -202,7 +202,11 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
 
     async def inbound(req) -> None:  # node-b
         started = time.monotonic()
-        app = await trio.open_tcp_stream("127.0.0.1", app_port)
+        # dialled as ztunnel/inbound.py's _dial_app does (not open_tcp_stream: its
+        # happy-eyeballs nursery is task steps the node proxy does not take)
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", app_port))
+        app = trio.SocketStream(sock)
         stream = await req.accept()
         counters = Counters()
         try:
@@ -247,7 +251,21 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
 
         out_listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         out_port = out_listener.socket.getsockname()[1]
-        nursery.start_soon(trio.serve_listeners, outbound, [out_listener])
+        try:  # the pod proxy's accept loop (a tree from before it: trio's)
+            from ztunnel.sockets import accept_some
+        except ImportError:
+            nursery.start_soon(trio.serve_listeners, outbound, [out_listener])
+        else:
+            raw = out_listener.socket._sock  # type: ignore[attr-defined]
+
+            async def accept_loop() -> None:
+                def spawn(stream: trio.SocketStream) -> None:
+                    nursery.start_soon(outbound, stream)
+
+                while True:
+                    await accept_some(raw, spawn)
+
+            nursery.start_soon(accept_loop)
         for _ in range(repeat):
             if mode == "idle":
                 tracemalloc.start()

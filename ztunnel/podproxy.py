@@ -31,6 +31,7 @@ from ztunnel.sockets import (
     HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
     OUTBOUND_PORT,
+    accept_some,
     listener,
     new_sockets,
     prepare_connector,
@@ -176,18 +177,19 @@ class PodProxy:
         listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
         self._listeners = listeners
         handlers: list[Handler] = [handle_outbound, handle_plaintext, handle_hbone]
-        nursery.start_soon(self._serve, proxy, list(zip(listeners, handlers, strict=True)))
+        nursery.start_soon(self._serve, proxy, list(zip(listeners, socks, handlers, strict=True)))
 
     async def _serve(
-        self, proxy: NodeProxy, pairs: list[tuple[trio.SocketListener, Handler]]
+        self, proxy: NodeProxy,
+        pairs: list[tuple[trio.SocketListener, socket.socket, Handler]],
     ) -> None:
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
-                    for lst, handler in pairs:
-                        nursery.start_soon(self._accept_loop, proxy, lst, handler, nursery)
+                    for _, sock, handler in pairs:
+                        nursery.start_soon(self._accept_loop, proxy, sock, handler, nursery)
         finally:
-            for lst, _ in pairs:
+            for lst, _, _ in pairs:
                 with trio.CancelScope(shield=True):
                     await lst.aclose()
             self.sockets.close()
@@ -200,20 +202,23 @@ class PodProxy:
     async def _accept_loop(
         self,
         proxy: NodeProxy,
-        lst: trio.SocketListener,
+        sock: socket.socket,
         handler: Handler,
         nursery: trio.Nursery,
     ) -> None:
+        """Accept on one listener (its trio.SocketListener closes it) until it is closed."""
+
+        def spawn(stream: trio.SocketStream) -> None:
+            nursery.start_soon(self._guard, proxy, handler, stream)
+
         while True:
             try:
-                stream = await lst.accept()
-            except (OSError, trio.ClosedResourceError) as exc:
-                if isinstance(exc, trio.ClosedResourceError):
-                    return
+                await accept_some(sock, spawn)
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:
                 log.warning("pod %s/%s: accept failed: %s", self.namespace, self.name, exc)
                 await trio.sleep(0.1)
-                continue
-            nursery.start_soon(self._guard, proxy, handler, stream)
 
     async def _guard(self, proxy: NodeProxy, handler: Handler, stream: trio.SocketStream) -> None:
         """Run one connection; a bug in it is logged and never takes the pod proxy down."""

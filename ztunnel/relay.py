@@ -291,10 +291,13 @@ async def relay(
         if (hstream._recv or hstream._recv_eof or hstream._reset_code is not None
                 or hstream._conn_dead):
             st.event(hstream)
-        # TCP → HBONE. One schedule point per pass: the wait for data, or a checkpoint.
+        # TCP → HBONE. One schedule point per pass: the wait for data, or a checkpoint. The
+        # first pass needs none of its own: the caller has just had one (the tunnel's
+        # CONNECT, the connect to the app), and the next pass waits or checkpoints. (A
+        # client's first bytes are usually here already: a task step less per connection.)
         try:
             data = _try_recv(sock)
-            scheduled = False
+            scheduled = True
             while True:
                 if data is None:
                     await trio.lowlevel.wait_readable(sock)

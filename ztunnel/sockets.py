@@ -8,8 +8,10 @@ hands them to trio.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
@@ -134,3 +136,42 @@ async def send_all_nonblocking(sock: socket.socket, data: bytes | memoryview) ->
             continue
         view = view[n:]
     return waited
+
+
+ACCEPT_BURST = 32
+# accept(2) errors that concern one connection, not the listener (as trio's SocketListener)
+_IGNORABLE_ACCEPT = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN",
+                 "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH")
+    if hasattr(errno, name)
+)
+
+
+async def accept_some(sock: socket.socket, spawn: Callable[[trio.SocketStream], object]) -> int:
+    """Accept what is waiting on the listening socket ``sock`` (non-blocking), handing each
+    connection to ``spawn``; wait for one first if none is. Returns how many it took.
+
+    trio's ``SocketListener.accept()`` takes a schedule point after each connection it got
+    without waiting: a task step per connection. Here the ready ones (up to ACCEPT_BURST)
+    come in one pass, the wait being the only schedule point. Raises OSError for what is not
+    routine (EMFILE…) and trio.ClosedResourceError once the listener is closed."""
+    taken = 0
+    while taken < ACCEPT_BURST:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            if taken:
+                return taken
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            if sock.fileno() == -1 or exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("listener closed") from exc
+            if exc.errno in _IGNORABLE_ACCEPT:
+                continue
+            raise
+        spawn(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+        taken += 1
+    await trio.lowlevel.checkpoint()  # a long burst: let the connections' tasks run
+    return taken

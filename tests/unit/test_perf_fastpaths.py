@@ -25,7 +25,7 @@ from nodeproxy.netns import netns_id
 from ztunnel.hbone import protocol as p
 from ztunnel.hbone.connection import LargeReadStream
 from ztunnel.podproxy import SocketStock
-from ztunnel.sockets import PROXY_MARK, SO_MARK, prepare_connector
+from ztunnel.sockets import ACCEPT_BURST, PROXY_MARK, SO_MARK, accept_some, prepare_connector
 
 SIOCGSKNS = 0x894C  # ioctl: an fd of the netns a socket belongs to
 
@@ -260,3 +260,42 @@ async def test_hbone_over_tls_on_large_reads_carries_bulk_intact(tmp_path) -> No
         await client.aclose()
         nursery.cancel_scope.cancel()
     assert bytes(got) == payload
+
+
+async def test_accept_takes_every_waiting_connection_in_one_pass() -> None:
+    """The pod proxy's accept loop: the connections already waiting come at once (no task
+    step each), at most ACCEPT_BURST per call; a closed listener ends it."""
+    lst = socket.create_server(("127.0.0.1", 0), backlog=64)
+    lst.setblocking(False)
+    trio_lst = trio.SocketListener(trio.socket.from_stdlib_socket(lst))
+    clients = [socket.create_connection(lst.getsockname()) for _ in range(ACCEPT_BURST + 8)]
+    got: list[trio.SocketStream] = []
+    try:
+        assert await accept_some(lst, got.append) == ACCEPT_BURST
+        assert await accept_some(lst, got.append) == 8
+        peers = {s.socket.getpeername() for s in got}
+        assert peers == {c.getsockname() for c in clients}
+        # nothing waiting: it waits for the next one
+        with trio.move_on_after(0.05) as waited:
+            await accept_some(lst, got.append)
+        assert waited.cancelled_caught and len(got) == ACCEPT_BURST + 8
+        late = socket.create_connection(lst.getsockname())
+        clients.append(late)
+        assert await accept_some(lst, got.append) == 1
+
+        async def close_soon() -> None:
+            await trio.sleep(0.05)
+            await trio_lst.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close_soon)
+            with pytest.raises(trio.ClosedResourceError):
+                await accept_some(lst, got.append)
+        with pytest.raises(trio.ClosedResourceError):
+            await accept_some(lst, got.append)
+    finally:
+        for s in got:
+            await s.aclose()
+        for c in clients:
+            c.close()
+        lst.close()
