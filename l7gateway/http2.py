@@ -21,13 +21,11 @@ RST_STREAM carrying the RFC 9113 code; a connection error closes the connection.
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import hpack
-import hpack.table
 import trio
 
 from ztunnel.hbone.frames import (
@@ -44,6 +42,7 @@ from ztunnel.hbone.frames import (
     StreamReset,
     WindowChanged,
 )
+from ztunnel.hbone.hpackplain import StatelessEncoder
 
 log = logging.getLogger(__name__)
 
@@ -88,106 +87,6 @@ class StreamError(Exception):
 
 def _decode(headers: list[tuple[bytes, bytes]]) -> Headers:
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-
-
-_BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z]")
-_BAD_VALUE = re.compile(r"[\x00\r\n]")
-_CONNECTION_SPECIFIC = frozenset({
-    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
-
-# RFC 7541 Appendix A
-_STATIC_FIELD: dict[tuple[str, str], int] = {}
-_STATIC_NAME: dict[str, int] = {}
-for _i, (_n, _v) in enumerate(hpack.table.HeaderTable.STATIC_TABLE, start=1):
-    _STATIC_FIELD.setdefault((_n.decode(), _v.decode()), _i)
-    _STATIC_NAME.setdefault(_n.decode(), _i)
-_FIELD_CACHE_MAX = 4096
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    """An HPACK integer (RFC 7541 §5.1) with ``first``'s high bits above the prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _hpack_str(raw: bytes) -> bytes:
-    return _hpack_int(len(raw), 7, 0) + raw  # no Huffman coding
-
-
-class _StatelessEncoder:
-    """HPACK that never uses the dynamic table: an exact static-table match is one index,
-    anything else a literal "without indexing" (RFC 7541 §6.1, §6.2.2), never Huffman coded.
-
-    A field's encoding then depends only on the field, so it is cached: the repeated fields of
-    responses (content-type, server…) cost a dict lookup, where hpack's encoder searched and
-    grew its table for every field (≈ a tenth of the gateway's CPU per HTTP/2 request). The
-    wire form is a little larger; any decoder accepts it. Fields are checked as RFC 9113 §8.2
-    wants (names lower-cased, no connection-specific ones, no CR/LF/NUL in values).
-
-    The dynamic table is declared empty (size update to 0) in the first block, and again
-    after the peer changes SETTINGS_HEADER_TABLE_SIZE (the engine sets
-    :attr:`header_table_size`), which some decoders insist on."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], bytes] = {}
-        self._size_update = True
-
-    @property
-    def header_table_size(self) -> int:
-        return 0
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        self._size_update = True
-
-    def encode(self, headers: Headers) -> bytes:
-        """The header block; ValueError for a field HTTP/2 does not allow."""
-        cache = self._cache
-        parts = []
-        if self._size_update:
-            self._size_update = False
-            parts.append(b"\x20")  # dynamic table size update: 0
-        for name, value in headers:
-            key = (name, value)
-            enc = cache.get(key)
-            if enc is None:
-                enc = self._field(name, value)
-                if len(cache) >= _FIELD_CACHE_MAX:
-                    cache.clear()
-                cache[key] = enc
-            parts.append(enc)
-        return b"".join(parts)
-
-    @staticmethod
-    def _field(name: str, value: str) -> bytes:
-        n = name.lower()
-        v = value.strip(" \t")
-        bare = n[1:] if n[:1] == ":" else n
-        if not bare or _BAD_NAME.search(bare):
-            raise ValueError(f"invalid header name {n!r}")
-        if _BAD_VALUE.search(v):
-            raise ValueError(f"invalid value for header {n!r}")
-        if bare in _CONNECTION_SPECIFIC or (bare == "te" and v.lower() != "trailers"):
-            raise ValueError(f"connection-specific header {n!r}")
-        index = _STATIC_FIELD.get((n, v))
-        if index is not None:
-            return _hpack_int(index, 7, 0x80)
-        try:
-            raw_value = v.encode("latin-1")
-            index = _STATIC_NAME.get(n)
-            if index is not None:
-                return _hpack_int(index, 4, 0x00) + _hpack_str(raw_value)
-            return b"\x00" + _hpack_str(n.encode("latin-1")) + _hpack_str(raw_value)
-        except UnicodeEncodeError as e:
-            raise ValueError(f"header {n!r} not encodable as latin-1") from e
 
 
 class H2Stream:
@@ -374,7 +273,7 @@ class H2Connection:
             settings[Setting.ENABLE_PUSH] = 0
         else:
             settings[Setting.MAX_CONCURRENT_STREAMS] = c.max_concurrent_streams
-        self._encoder = _StatelessEncoder()
+        self._encoder = StatelessEncoder()
         self._e = H2Engine(
             client_side=client_side,
             encoder=self._encoder,  # type: ignore[arg-type]  # told of table size changes

@@ -66,10 +66,36 @@ def _value(key: str, value: Any) -> str:
     return text
 
 
+# The text of string values already seen (names, identities, addresses repeat from one
+# connection to the next): quoting is decided once per value.
+_TEXT: dict[str, str] = {}
+_TEXT_MAX = 2048
+
+
+def _text(key: str, value: Any) -> str:
+    if type(value) is str:
+        text = _TEXT.get(value)
+        if text is None:
+            text = _value(key, value)
+            if len(_TEXT) >= _TEXT_MAX:
+                _TEXT.clear()
+            _TEXT[value] = text
+        return text
+    if type(value) is int and key != "duration":
+        return str(value)
+    return _value(key, value)
+
+
 def format_entry(entry: Mapping[str, Any]) -> str:
-    """``key=value`` pairs, known fields first; ``None`` values are left out."""
-    keys = sorted(entry, key=lambda k: _FIELD_ORDER.get(k, len(FIELDS)))  # stable: rest in order
-    return " ".join([f"{k}={_value(k, entry[k])}" for k in keys if entry[k] is not None])
+    """``key=value`` pairs, known fields first, the rest in the order given; ``None`` values
+    are left out."""
+    get = entry.get
+    words = [f"{k}={_text(k, v)}" for k in FIELDS if (v := get(k)) is not None]
+    if len(entry) > len(words):  # fields of its own, or some left out
+        order = _FIELD_ORDER
+        words += [f"{k}={_text(k, v)}" for k, v in entry.items()
+                  if v is not None and k not in order]
+    return " ".join(words)
 
 
 def log_connection(**fields: Any) -> None:

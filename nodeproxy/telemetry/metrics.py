@@ -71,6 +71,27 @@ class ConnectionLabels:
         ``source_identity`` / ``destination_identity`` are SPIFFE URIs (the authenticated
         ones, when known); without them, a meshed workload's own identity is used.
         """
+        # The same arguments come for every connection between the same two workloads:
+        # remembered by the objects' identity (model objects are frozen; the entry keeps
+        # them alive, so an id is not reused while it is cached).
+        key = (reporter, id(source), id(destination), id(service), source_identity,
+               destination_identity, mtls, request_protocol)
+        hit = _BY_ARGS.get(key)
+        if (hit is not None and hit[0] is source and hit[1] is destination
+                and hit[2] is service):
+            return hit[3]
+        labels = cls._build(reporter, source, destination, service, source_identity,
+                            destination_identity, mtls, request_protocol)
+        if len(_BY_ARGS) >= _CHILD_CACHE_MAX:
+            _BY_ARGS.clear()
+        _BY_ARGS[key] = (source, destination, service, labels)
+        return labels
+
+    @classmethod
+    def _build(cls, reporter: str, source: Workload | None, destination: Workload | None,
+               service: Service | None, source_identity: str | None,
+               destination_identity: str | None, mtls: bool,
+               request_protocol: str) -> ConnectionLabels:
 
         def ident(explicit: str | None, wl: Workload | None) -> str:
             if explicit:
@@ -122,6 +143,10 @@ def _or_unknown(value: str | None) -> str:
 
 _CHILD_CACHE_MAX = 10_000
 _INTERNED: dict[ConnectionLabels, ConnectionLabels] = {}
+_BY_ARGS: dict[
+    tuple[object, ...],
+    tuple[Workload | None, Workload | None, Service | None, ConnectionLabels],
+] = {}
 
 LABEL_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ConnectionLabels))
 REQUEST_LABEL_NAMES: tuple[str, ...] = (*LABEL_NAMES, "response_code")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 
 import h11
 import pytest
@@ -295,6 +296,27 @@ def test_connection_labels_from_workloads():
     plain = ConnectionLabels.from_workloads("destination", destination=server)
     assert plain.source_workload == plain.source_principal == "unknown"
     assert plain.connection_security_policy == "unknown"
+
+
+def test_connection_labels_are_remembered_per_workload_objects(monkeypatch):
+    """Connections between the same workloads share one labels object, built once; a
+    workload replaced by the control plane (a new object) gets labels of its own."""
+    client, server, svc = _pair()
+    built = []
+    build = ConnectionLabels._build
+    monkeypatch.setattr(ConnectionLabels, "_build",
+                        classmethod(lambda cls, *a: built.append(a) or build(*a)))
+    first = ConnectionLabels.from_workloads("source", source=client, destination=server,
+                                            service=svc, mtls=True)
+    again = ConnectionLabels.from_workloads("source", source=client, destination=server,
+                                            service=svc, mtls=True)
+    assert again is first and len(built) == 1
+    relabelled = replace(server, labels={"app": "web", "version": "v2"})
+    moved = ConnectionLabels.from_workloads("source", source=client, destination=relabelled,
+                                            service=svc, mtls=True)
+    assert moved.destination_version == "v2" and first.destination_version == "latest"
+    assert ConnectionLabels.from_workloads("source", source=client, destination=server,
+                                           service=svc, mtls=False) is not first
 
 
 def test_tcp_metrics_exposition_has_istio_names_and_labels():

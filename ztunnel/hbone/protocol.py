@@ -14,7 +14,6 @@ import functools
 import ipaddress
 import logging
 import random
-import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from .frames import (
     StreamReset,
     WindowChanged,
 )
+from .hpackplain import StatelessEncoder
 
 log = logging.getLogger(__name__)
 
@@ -81,49 +81,8 @@ _STATIC_INDEXED = {
 }
 
 
-class _PlainEncoder(hpack.Encoder):
-    """HPACK encoder that sends literals without Huffman coding.
-
-    hpack's Huffman coder (and the peer's decoder) is pure Python, per character: it was a
-    third of the cost of a CONNECT. Our header values are short; the few extra bytes on the
-    wire are cheaper than the CPU. Any HPACK decoder accepts both forms (RFC 7541 §5.2)."""
-
-    def encode(self, headers, huffman: bool = False) -> bytes:  # type: ignore[override]
-        # A lone ":status" of the static table (every HBONE answer) is one byte; hpack's
-        # generic path costs ~10 µs for it. A pending table size update must go first.
-        if type(headers) is list and len(headers) == 1 and not self.header_table.resized:
-            indexed = _STATIC_STATUS.get(headers[0])
-            if indexed is not None:
-                return indexed
-        return super().encode(headers, huffman=False)
-
-
-# RFC 7541 Appendix A: the static table's :status entries, as indexed fields (0x80 | index)
-_STATIC_STATUS = {
-    (b":status", status.encode()): bytes([0x80 | index])
-    for index, status in zip(range(8, 15), ("200", "204", "206", "304", "400", "404", "500"),
-                             strict=True)
-}
-
-
-# Header values that differ on every request: indexing them would only churn the HPACK
-# dynamic table (and make every table search longer) on both sides.
-_UNIQUE_PER_REQUEST = frozenset({b"traceparent", b"forwarded"})
-
-
-_BAD_NAME = re.compile(r"[^!#$%&'*+\-.^_`|~0-9a-z]")
-_BAD_VALUE = re.compile(r"[\x00\r\n]")
-
-
-def _check_header(name: str, value: str) -> None:
-    """RFC 9113 §8.2.1 for a header we send (h2's own outbound validation is off)."""
-    bare = name[1:] if name.startswith(":") else name
-    if not bare or _BAD_NAME.search(bare):
-        raise ValueError(f"invalid header name {name!r}")
-    if _BAD_VALUE.search(value) or value[:1] in (" ", "\t") or value[-1:] in (" ", "\t"):
-        raise ValueError(f"invalid value for header {name!r}")
-    if bare in ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"):
-        raise ValueError(f"connection-specific header {name!r}")
+# Header values that differ on every request: kept out of the encoder's cache of fields.
+_UNIQUE_PER_REQUEST = frozenset({"traceparent", "forwarded"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +322,10 @@ class HboneH2:
             client_side=client_side,
             local_settings=settings,
             connection_window=CONNECTION_WINDOW,
-            encoder=_PlainEncoder(),
+            # no dynamic table, no Huffman: a CONNECT's fields are one dict lookup each or
+            # (traceparent, forwarded) a few bytes joined; hpack's encoder searched and grew
+            # its table per field (≈ 3 times the CPU). A few more bytes on the wire.
+            encoder=StatelessEncoder(uncached=_UNIQUE_PER_REQUEST, strict=True),
             decoder=_CappedDecoder(),
         )
         self.goaway_sent = False
@@ -402,22 +364,14 @@ class HboneH2:
     # -- stream actions -----------------------------------------------------------------------
     def open_request(self, authority: str, headers: list[tuple[str, str]] | tuple = ()) -> int:
         """Client: queue a CONNECT and return its stream id."""
-        block = [(":method", "CONNECT"), (":authority", authority)]
-        block += [(n.lower(), v) for n, v in headers]
-        encoded: list[tuple[bytes, bytes]] = []
-        for n, v in block:
-            _check_header(n, v)
-            name = n.encode()
-            if name in _UNIQUE_PER_REQUEST:
-                encoded.append(hpack.NeverIndexedHeaderTuple(name, v.encode()))
-            else:
-                encoded.append((name, v.encode()))
+        block = [(":method", "CONNECT"), (":authority", authority), *headers]
         sid = self.h2.get_next_available_stream_id()
-        self.h2.send_headers(sid, encoded)
+        # (the encoder checks every field as RFC 9113 §8.2 wants: ValueError, nothing sent)
+        self.h2.send_headers(sid, block)
         return sid
 
     def respond(self, stream_id: int, status: int, *, end_stream: bool = False) -> None:
-        self.h2.send_headers(stream_id, [(b":status", str(status).encode())],
+        self.h2.send_headers(stream_id, [(":status", str(status))],
                              end_stream=end_stream)
 
     def send_window(self, stream_id: int) -> int:
