@@ -33,7 +33,7 @@ from .frames import (
     StreamReset,
     WindowChanged,
 )
-from .hpackplain import StatelessEncoder
+from .hpackplain import StatelessEncoder, decode_plain
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +65,13 @@ class _CappedDecoder(hpack.Decoder):
         pass
 
     def decode(self, data: bytes, raw: bool = False):  # type: ignore[no-untyped-def]
-        # A block that is one indexed field of the static table (":status: 200", every HBONE
-        # answer) changes no state: looked up directly instead of hpack's generic path.
-        if raw and len(data) == 1:
-            field = _STATIC_INDEXED.get(data[0])
-            if field is not None:
-                return [field]
+        # A block in plain HPACK (what our peers send: ":status: 200", a CONNECT) changes no
+        # state: read directly; anything else goes through hpack's generic path.
+        if raw:
+            fields = decode_plain(data, HPACK_HARD_CAP)
+            if fields is not None:
+                return fields
         return super().decode(data, raw=raw)
-
-
-# indexed field representation (0x80 | index) → the static table entry (RFC 7541 Appendix A)
-_STATIC_INDEXED = {
-    0x80 | index: entry
-    for index, entry in enumerate(hpack.table.HeaderTable.STATIC_TABLE, start=1)
-}
 
 
 # Header values that differ on every request: kept out of the encoder's cache of fields.
