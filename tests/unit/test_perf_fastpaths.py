@@ -141,6 +141,7 @@ def test_bad_outgoing_header_is_refused_before_sending(name: str, value: str) ->
     with pytest.raises(ValueError):
         client.open_request("10.0.0.2:80", [(name, value)])
     assert not client.has_output()
+    assert client.h2.open_outbound_streams == 0  # no stream left half-made
 
 
 # -- the socket stock -------------------------------------------------------------------------

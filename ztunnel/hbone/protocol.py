@@ -357,10 +357,12 @@ class HboneH2:
     # -- stream actions -----------------------------------------------------------------------
     def open_request(self, authority: str, headers: list[tuple[str, str]] | tuple = ()) -> int:
         """Client: queue a CONNECT and return its stream id."""
-        block = [(":method", "CONNECT"), (":authority", authority), *headers]
+        # encoded first: the encoder checks every field as RFC 9113 §8.2 wants, and a
+        # ValueError must leave no stream behind
+        block = self.h2.encoder.encode(
+            [(":method", "CONNECT"), (":authority", authority), *headers])
         sid = self.h2.get_next_available_stream_id()
-        # (the encoder checks every field as RFC 9113 §8.2 wants: ValueError, nothing sent)
-        self.h2.send_headers(sid, block)
+        self.h2.send_header_block(sid, block)
         return sid
 
     def respond(self, stream_id: int, status: int, *, end_stream: bool = False) -> None:
