@@ -24,6 +24,7 @@ import argparse
 import io
 import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -181,6 +182,11 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
     from ztunnel.hbone.server import serve_hbone_connection
     from ztunnel.relay import Counters, RelayError, relay
 
+    try:
+        from ztunnel.sockets import dial
+    except ImportError:
+        dial = None
+
     logging.getLogger("nodeproxy.access").addHandler(logging.StreamHandler(io.StringIO()))
     logging.getLogger("nodeproxy.access").setLevel(logging.INFO)
     client_ctx, server_ctx = make_pki(Path(tempfile.mkdtemp()))
@@ -204,9 +210,14 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
         started = time.monotonic()
         # dialled as ztunnel/inbound.py's _dial_app does (not open_tcp_stream: its
         # happy-eyeballs nursery is task steps the node proxy does not take)
-        sock = trio.socket.socket()
-        await sock.connect(("127.0.0.1", app_port))
-        app = trio.SocketStream(sock)
+        if dial is not None:
+            raw = socket.socket()
+            raw.setblocking(False)
+            app = await dial(raw, ("127.0.0.1", app_port), 10)
+        else:  # a tree from before ztunnel.sockets.dial
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", app_port))
+            app = trio.SocketStream(sock)
         stream = await req.accept()
         counters = Counters()
         try:

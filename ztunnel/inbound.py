@@ -26,6 +26,7 @@ from ztunnel.hbone.server import serve_hbone_connection
 from ztunnel.outbound import captured, fmt_addr
 from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters, RelayError, abort, relay
+from ztunnel.sockets import dial
 
 if TYPE_CHECKING:
     from ztunnel.hbone.server import HboneRequest
@@ -249,11 +250,4 @@ def admission(
 async def _dial_app(pod: PodProxy, src_ip: str, ip: str, port: int) -> trio.SocketStream:
     """Connect to the app inside the pod, with the caller's address as source."""
 
-    sock = trio.socket.from_stdlib_socket(await pod.connector(spoof_source=src_ip))
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            await sock.connect((ip, port))
-    except (OSError, trio.TooSlowError) as exc:
-        sock.close()
-        raise OSError(str(exc) or "connect timed out") from exc
-    return trio.SocketStream(sock)
+    return await dial(await pod.connector(spoof_source=src_ip), (ip, port), CONNECT_TIMEOUT)

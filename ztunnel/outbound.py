@@ -23,7 +23,7 @@ from ztunnel.endpoints import choose_endpoint, resolve_destination
 from ztunnel.hbone.pool import PoolKey
 from ztunnel.hbone.protocol import connect_headers, new_traceparent
 from ztunnel.relay import Counters, RelayError, abort, relay
-from ztunnel.sockets import HBONE_PORT, original_dst
+from ztunnel.sockets import HBONE_PORT, dial, original_dst
 
 if TYPE_CHECKING:
     from ztunnel.podproxy import PodProxy
@@ -210,11 +210,4 @@ async def _open_hbone(
 
 async def _dial_plain(pod: PodProxy, ip: str, port: int) -> trio.SocketStream:
     """Plain TCP from inside the pod's netns (passthrough to a destination outside the mesh)."""
-    sock = trio.socket.from_stdlib_socket(await pod.connector())
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            await sock.connect((ip, port))
-    except (OSError, trio.TooSlowError) as exc:
-        sock.close()
-        raise OSError(str(exc) or "connect timed out") from exc
-    return trio.SocketStream(sock)
+    return await dial(await pod.connector(), (ip, port), CONNECT_TIMEOUT)

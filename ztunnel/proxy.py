@@ -37,7 +37,7 @@ from ztunnel.inpod.channel import PodInfo, run_channel, serve_agent_connection
 from ztunnel.podproxy import PodProxy
 from ztunnel.policy import Connection, Decision, authorize
 from ztunnel.relay import Counters
-from ztunnel.sockets import set_keepalive
+from ztunnel.sockets import dial, set_keepalive
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,14 @@ class NodeProxy:
         if pod is None or pod.uid not in self.pods:
             raise OSError(f"no enrolled pod owns source address {key.src_ip}")
         cert = await self.certs.get(key.src_identity)
-        sock = trio.socket.from_stdlib_socket(await pod.connector())
+        sock = await pod.connector()
         try:
-            set_keepalive(sock)  # type: ignore[arg-type]
-            with trio.fail_after(CONNECT_TIMEOUT):
-                await sock.connect(key.next_hop)
+            set_keepalive(sock)
         except BaseException:
             sock.close()
             raise
         # large reads under TLS: fewer passes through trio and ssl per record
-        transport = LargeReadStream(trio.SocketStream(sock))
+        transport = LargeReadStream(await dial(sock, key.next_hop, CONNECT_TIMEOUT))
         return await client_tls(transport, cert.client_context(), key.dst_identities)
 
     # -- the node agent's pods (ztunnel.inpod.channel.PodHandler) ------------------------

@@ -292,8 +292,8 @@ async def relay(
                 or hstream._conn_dead):
             st.event(hstream)
         # TCP → HBONE. One schedule point per pass: the wait for data, or a checkpoint. The
-        # first pass needs none of its own: the caller has just had one (the tunnel's
-        # CONNECT, the connect to the app), and the next pass waits or checkpoints. (A
+        # first pass needs none of its own: the caller's task has just started or waited
+        # (for the tunnel's CONNECT answer), and the next pass waits or checkpoints. (A
         # client's first bytes are usually here already: a task step less per connection.)
         try:
             data = _try_recv(sock)

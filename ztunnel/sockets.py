@@ -9,6 +9,7 @@ hands them to trio.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -175,3 +176,42 @@ async def accept_some(sock: socket.socket, spawn: Callable[[trio.SocketStream], 
         taken += 1
     await trio.lowlevel.checkpoint()  # a long burst: let the connections' tasks run
     return taken
+
+
+async def dial(sock: socket.socket, address: tuple[str, int], timeout: float) -> trio.SocketStream:
+    """Connect a fresh non-blocking socket (closed on failure: OSError, a timeout too).
+
+    A connection to a listener of the same host (the app in its pod) is complete when
+    ``connect()`` returns: the kernel runs the whole handshake inside the call, yet says
+    EINPROGRESS. Then it is used at once, with no wait for writability (a task step and
+    three epoll_ctl calls less per connection) and no cancel scope; only a connect still in
+    progress is waited for, for at most ``timeout`` seconds."""
+    try:
+        if not _connected_at_once(sock, address):
+            with trio.fail_after(timeout):
+                await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    except trio.TooSlowError as exc:
+        sock.close()
+        raise OSError("connect timed out") from exc
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connected_at_once(sock: socket.socket, address: tuple[str, int]) -> bool:
+    """Start a non-blocking connect; whether it is complete already (else in progress, or
+    failed: SO_ERROR says which once the socket is writable)."""
+    try:
+        sock.connect(address)
+        return True
+    except (BlockingIOError, InterruptedError):
+        pass
+    try:
+        sock.getpeername()
+        return True
+    except OSError:
+        return False

@@ -25,7 +25,14 @@ from nodeproxy.netns import netns_id
 from ztunnel.hbone import protocol as p
 from ztunnel.hbone.connection import LargeReadStream
 from ztunnel.podproxy import SocketStock
-from ztunnel.sockets import ACCEPT_BURST, PROXY_MARK, SO_MARK, accept_some, prepare_connector
+from ztunnel.sockets import (
+    ACCEPT_BURST,
+    PROXY_MARK,
+    SO_MARK,
+    accept_some,
+    dial,
+    prepare_connector,
+)
 
 SIOCGSKNS = 0x894C  # ioctl: an fd of the netns a socket belongs to
 
@@ -304,3 +311,39 @@ async def test_accept_takes_every_waiting_connection_in_one_pass() -> None:
         for c in clients:
             c.close()
         lst.close()
+
+
+async def test_dial_uses_a_connection_the_kernel_completed_at_once() -> None:
+    """To a listener of this host the handshake is done inside connect(): no wait (not even
+    a schedule point, so a cancelled scope does not stop it); a refused or hanging connect
+    fails with OSError and closes the socket."""
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # any schedule point would raise Cancelled
+            stream = await dial(nonblocking_socket(), lst.getsockname(), 5)
+        assert stream.socket.getpeername() == lst.getsockname()
+        await stream.aclose()
+        port = lst.getsockname()[1]
+    refused = nonblocking_socket()
+    with pytest.raises(OSError, match="refused"):
+        await dial(refused, ("127.0.0.1", port), 5)
+    assert refused.fileno() == -1
+    # a listener that takes nothing more: its SYNs are dropped, the connect hangs
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = [socket.create_connection(full.getsockname(), timeout=1)]  # the queue of 1
+        hanging = nonblocking_socket()
+        try:
+            with pytest.raises(OSError, match="timed out"):
+                await dial(hanging, full.getsockname(), 0.3)
+            assert hanging.fileno() == -1
+        finally:
+            for q in queued:
+                q.close()
+
+
+def nonblocking_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    return sock
