@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -328,9 +329,26 @@ def helper_main(stdin=None, stdout=None) -> int:  # noqa: ANN001 - text streams
         )
         answer(info_to_json(info))
         return 0
+    except BrokenPipeError:
+        return _parent_gone(stdout)
     except (CertError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        answer({"error": str(e)})
+        try:
+            answer({"error": str(e)})
+        except BrokenPipeError:
+            return _parent_gone(stdout)
         return 1
+
+
+def _parent_gone(stdout) -> int:  # noqa: ANN001 - a text stream
+    """The node proxy closed our pipe (it gave the certificate up: the pod went away). Not an
+    error: exit quietly, and let the interpreter's final flush of stdout go nowhere, or it
+    prints a traceback into the log we share with the node proxy."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (a test's StringIO): nothing will be flushed at exit
+    return 0
 
 
 # -- reading a certificate with the stdlib (the per-connection identity check) ---------------

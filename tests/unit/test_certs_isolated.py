@@ -191,6 +191,24 @@ def test_helper_answers_errors_as_json():
     assert "not a SPIFFE id" in json.loads(proc.stdout)["error"]
 
 
+def test_helper_whose_parent_went_away_exits_quietly():
+    """The node proxy gave up on a certificate (the pod was released): it closes the pipes
+    before the helper answers. The helper exits without a traceback in the log it shares
+    with the node proxy (a crash there reads like the node proxy's own)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodeproxy.certs"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # nobody will read the answer
+    proc.stdin.write(json.dumps({"identity": ID}).encode() + b"\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 _CHILD = r"""
 import json, ssl, sys, trio
 from nodeproxy import certs
