@@ -21,7 +21,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -295,10 +295,9 @@ class Forwarder:
         self._tables_state: MeshState | None = None
         self._balancers: dict[tuple[str, int], tuple[Balancer, dict[str, Endpoint]]] = {}
         self._balancers_state: dict[tuple[str, int], MeshState] = {}
-        # per mesh state: the policies of a workload (by uid); per label set: the labels
+        # per mesh state: the policies of a workload (by uid)
         self._policies: dict[str, list] = {}  # type: ignore[type-arg]
         self._policies_state: MeshState | None = None
-        self._labels: dict[tuple, tuple] = {}  # type: ignore[type-arg]
         self._dst_log: dict[tuple, tuple] = {}  # type: ignore[type-arg]
         self.nursery: trio.Nursery | None = None  # for mirrors (fire and forget)
 
@@ -384,29 +383,18 @@ class Forwarder:
 
     def _labels_for(self, down: Downstream, ep: Endpoint | None, svc: Service, grpc: bool,
                     flags: str) -> ConnectionLabels:
-        """The request's metric labels, cached per (source, caller, destination, service,
-        protocol, flags): building them validates and allocates a dozen strings."""
-        dst = ep.workload if ep else None
-        key = (id(down.source), down.caller, id(dst), id(svc), grpc, flags)
-        hit = self._labels.get(key)
-        # the objects are kept in the entry, so an id is never reused while cached
-        if hit is not None and hit[0] is down.source and hit[1] is dst and hit[2] is svc:
-            return hit[3]
-        labels = ConnectionLabels.from_workloads(
+        """The request's metric labels (built once per source, caller, destination, service,
+        protocol and flags: ConnectionLabels.from_workloads remembers them)."""
+        return ConnectionLabels.from_workloads(
             "waypoint",
             source=down.source,
             source_identity=down.caller,
-            destination=dst,
+            destination=ep.workload if ep else None,
             service=svc,
             mtls=down.caller is not None,
             request_protocol="grpc" if grpc else "http",
+            response_flags=flags,
         )
-        if flags != labels.response_flags:
-            labels = replace(labels, response_flags=flags)
-        if len(self._labels) >= _CACHE_MAX:
-            self._labels.clear()
-        self._labels[key] = (down.source, dst, svc, labels)
-        return labels
 
     def _access_log(self, down: Downstream, req: HttpRequest, info: _Log, ms: float,
                     ep: Endpoint | None, svc: Service) -> None:

@@ -65,6 +65,7 @@ class ConnectionLabels:
         destination_identity: str | None = None,
         mtls: bool = False,
         request_protocol: str = "tcp",
+        response_flags: str = "-",
     ) -> ConnectionLabels:
         """Labels for a connection between model objects.
 
@@ -75,13 +76,13 @@ class ConnectionLabels:
         # remembered by the objects' identity (model objects are frozen; the entry keeps
         # them alive, so an id is not reused while it is cached).
         key = (reporter, id(source), id(destination), id(service), source_identity,
-               destination_identity, mtls, request_protocol)
+               destination_identity, mtls, request_protocol, response_flags)
         hit = _BY_ARGS.get(key)
         if (hit is not None and hit[0] is source and hit[1] is destination
                 and hit[2] is service):
             return hit[3]
         labels = cls._build(reporter, source, destination, service, source_identity,
-                            destination_identity, mtls, request_protocol)
+                            destination_identity, mtls, request_protocol, response_flags)
         if len(_BY_ARGS) >= _CHILD_CACHE_MAX:
             _BY_ARGS.clear()
         _BY_ARGS[key] = (source, destination, service, labels)
@@ -90,8 +91,8 @@ class ConnectionLabels:
     @classmethod
     def _build(cls, reporter: str, source: Workload | None, destination: Workload | None,
                service: Service | None, source_identity: str | None,
-               destination_identity: str | None, mtls: bool,
-               request_protocol: str) -> ConnectionLabels:
+               destination_identity: str | None, mtls: bool, request_protocol: str,
+               response_flags: str) -> ConnectionLabels:
 
         def ident(explicit: str | None, wl: Workload | None) -> str:
             if explicit:
@@ -116,6 +117,7 @@ class ConnectionLabels:
             destination_app=_or_unknown(destination and destination.canonical_name),
             destination_version=_or_unknown(destination and destination.canonical_revision),
             request_protocol=request_protocol or UNKNOWN,
+            response_flags=response_flags or "-",
             connection_security_policy=MUTUAL_TLS if mtls else UNKNOWN,
         )
         # One shared (immutable) object per distinct label set: every live connection holds
