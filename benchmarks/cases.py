@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +30,11 @@ from benchmarks.lab import BenchLab
 from benchmarks.tools import (
     ToolOutputError,
     h2load_cmd,
+    h2load_rate_cmd,
     iperf3_cmd,
     median,
     parse_h2load,
+    parse_h2load_log,
     parse_iperf3,
     parse_wrk,
     prom_sum,
@@ -209,6 +213,10 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     M("h2_rps", "HTTP/2 requests/s, 4 conns × 8 streams (h2load)", "req/s", "higher"),
     M("h2_cpu", "proxy CPU per 1000 HTTP/2 requests (all proxies)", "CPU s", "lower"),
     M("h2_cpu_gw", "gateway / haproxy CPU per 1000 HTTP/2 requests", "CPU s", "lower"),
+    M("fr_p50", "latency p50 at a fixed 1,000 req/s (16 conns, h2load)", "ms", "lower"),
+    M("fr_p99", "latency p99 at a fixed 1,000 req/s", "ms", "lower"),
+    M("fr_vcpu", "proxy CPU at a fixed 1,000 req/s (all proxies of the path)", "vCPU", "lower"),
+    M("fr_vcpu_gw", "gateway / haproxy CPU at a fixed 1,000 req/s", "vCPU", "lower"),
     M("cps", "new connections/s (Connection: close, 32 conc.)", "conn/s", "higher"),
     M("cps_cpu", "proxy CPU per 1000 connections (all proxies of the path)", "CPU s", "lower"),
     M("rss_idle_src", "proxy RSS idle, client side", "MB", "lower"),
@@ -216,6 +224,9 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     M("rss_gw_idle", "gateway / haproxy RSS idle", "MB", "lower"),
 ]}
 H2_STREAMS = 8  # streams per HTTP/2 connection; connections = concurrency / H2_STREAMS
+# the fixed-rate figure: requests a second in all, over this many HTTP/1.1 connections
+FIXED_RATE = 1000
+FIXED_RATE_CONNS = 16
 
 
 def conn_metrics(n: int) -> list[Metric]:
@@ -284,6 +295,42 @@ def fig_h2_rps(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
     s.add("h2_rps", path.name, res.requests_per_second)
     s.add("h2_cpu", path.name, cpu.per_1k(cpu.total, res.succeeded))
     s.add("h2_cpu_gw", path.name, cpu.per_1k(cpu.of("gateway"), res.succeeded))
+
+
+def fig_fixed_rate(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
+    """Latency and proxy CPU at a fixed request rate, well below every path's maximum (h2load
+    ``--rps``): what a service under ordinary load sees, where the other figures saturate."""
+    fd, log_file = tempfile.mkstemp(prefix="nodeproxy-bench-h2load-", suffix=".log")
+    os.close(fd)
+    try:
+        os.unlink(log_file)  # h2load appends: it makes the file itself
+        cmd = h2load_rate_cmd(path.url, mode.seconds, FIXED_RATE_CONNS, FIXED_RATE, log_file)
+        out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
+        try:
+            res = parse_h2load(out)
+            with open(log_file, encoding="ascii", errors="replace") as f:
+                reqs = parse_h2load_log(f.read())
+        except (ToolOutputError, FileNotFoundError) as e:
+            raise FigureError(f"{path.name}: {e}") from e
+    finally:
+        try:
+            os.unlink(log_file)
+        except FileNotFoundError:
+            pass
+    if not reqs.latencies_ms:
+        raise FigureError(f"{path.name}: h2load completed no request: {out.strip()[-300:]}")
+    if reqs.not_2xx or res.errors:
+        log.warning("%s: h2load at a fixed rate: %d non-2xx, %d failed/errored", path.name,
+                    reqs.not_2xx, res.errors)
+    if res.requests_per_second < 0.95 * FIXED_RATE:
+        s.notes.append(f"{path.name}: the fixed-rate run reached only "
+                       f"{res.requests_per_second:,.0f} of {FIXED_RATE:,} req/s")
+    s.add("fr_p50", path.name, reqs.percentile(50))
+    s.add("fr_p99", path.name, reqs.percentile(99))
+    seconds = res.seconds or mode.seconds
+    s.add("fr_vcpu", path.name, cpu.total / seconds if cpu.total is not None else None)
+    gw = cpu.of("gateway")
+    s.add("fr_vcpu_gw", path.name, gw / seconds if gw is not None else None)
 
 
 def fig_conn_rate(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
@@ -574,6 +621,7 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     *[Figure(f"throughput-{n}", fig_throughput(n)) for n in STREAMS],
     Figure("latency", fig_latency),
     Figure("rps", fig_rps),
+    Figure("fixed-rate", fig_fixed_rate),
     Figure("conn-rate", fig_conn_rate),
     Figure("gateway-memory", fig_gateway_memory, repeat=False),
     Figure("h2-rps", fig_h2_rps),
@@ -673,16 +721,18 @@ def l7_check(lab: BenchLab, paths: list[Path], s: Samples) -> None:
 
 L7_ROWS: dict[str, tuple[str, ...]] = {
     "rps": ("rps", "rps_cpu", "rps_cpu_gw", "rps_cpu_np"),
+    "fixed-rate": ("fr_p50", "fr_p99", "fr_vcpu", "fr_vcpu_gw"),
 }
 
 
 CASES: dict[str, Case] = {c.name: c for c in [
     Case("l4-cross-node", "L4 cross-node, meshed pod -> meshed pod",
          ("memory", "pod-memory", *[f"throughput-{n}" for n in STREAMS], "latency", "rps",
-          "conn-rate"),
+          "fixed-rate", "conn-rate"),
          lambda: None, l4_paths),
     Case("l7-gateway", "L7 through a namespace gateway",
-         ("gateway-memory", "latency", "rps", "h2-rps", "conn-rate"), l7_unavailable, l7_paths,
+         ("gateway-memory", "latency", "rps", "fixed-rate", "h2-rps", "conn-rate"),
+         l7_unavailable, l7_paths,
          check=l7_check, rows=L7_ROWS),
 ]}
 
@@ -695,6 +745,7 @@ def metrics_for(case: Case, mode: Mode) -> list[Metric]:
         "pod-memory": (),
         "latency": ("lat_p50", "lat_p99", "lat_added_p50"),
         "rps": ("rps", "rps_cpu"),
+        "fixed-rate": ("fr_p50", "fr_p99", "fr_vcpu"),
         "conn-rate": ("cps", "cps_cpu"),
         "gateway-memory": ("rss_gw_idle",),
         "h2-rps": ("h2_rps", "h2_cpu", "h2_cpu_gw"),

@@ -11,6 +11,7 @@ barely moves it, unlike wall-clock figures.
     python -m benchmarks.l4_micro latency   # one connection, 1 KB ping-pong (CPU and p50)
     python -m benchmarks.l4_micro rps -c 32 # 32 connections, 1 KB ping-pong each (CPU per op)
     python -m benchmarks.l4_micro latency -c 8  # the same with 8 idle connections (streams) open
+    python -m benchmarks.l4_micro paced -c 16  # 1,000 req/s in all, spread (the fixed-rate figure)
     python -m benchmarks.l4_micro idle      # memory per open idle connection (95: one HBONE conn)
     python -m benchmarks.l4_micro bulk      # 256 MiB one way over one connection
 
@@ -77,6 +78,7 @@ async def _app_conn(stream: trio.SocketStream) -> None:
 
 
 _LOADGEN_MODE = "conn"
+PACED_RATE = 1000  # requests a second of the paced mode
 
 
 async def _loadgen(mode: str) -> None:
@@ -107,7 +109,7 @@ async def _loadgen(mode: str) -> None:
                 for _ in range(conc):
                     w.start_soon(worker)
             out["ops"] = per * conc
-        elif mode in ("latency", "rps"):
+        elif mode in ("latency", "rps", "paced"):
             msg = b"x" * 1024
             lat: list[float] = []
             conns = 1 if mode == "latency" else conc
@@ -116,9 +118,14 @@ async def _loadgen(mode: str) -> None:
             idle = [await trio.open_tcp_stream("127.0.0.1", port)
                     for _ in range(conc - 1 if mode == "latency" else 0)]
 
-            async def pinger() -> None:
+            async def pinger(i: int) -> None:
                 s = await trio.open_tcp_stream("127.0.0.1", port)
+                # paced: PACED_RATE requests a second in all, the connections 1/rate apart
+                slot, every = trio.current_time() + i / PACED_RATE, conns / PACED_RATE
                 for _ in range(n // conns):
+                    if mode == "paced":
+                        await trio.sleep_until(slot)
+                        slot += every
                     a = time.perf_counter()
                     await s.send_all(msg)
                     got = 0
@@ -128,8 +135,8 @@ async def _loadgen(mode: str) -> None:
                 await s.aclose()
 
             async with trio.open_nursery() as w:
-                for _ in range(conns):
-                    w.start_soon(pinger)
+                for i in range(conns):
+                    w.start_soon(pinger, i)
             for s in idle:
                 await s.aclose()
             n = len(lat)
@@ -321,7 +328,7 @@ async def _mesh(mode: str, n: int, conc: int, repeat: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["conn", "latency", "rps", "idle", "bulk"])
+    ap.add_argument("mode", choices=["conn", "latency", "rps", "paced", "idle", "bulk"])
     ap.add_argument("-n", type=int, default=None)
     ap.add_argument("-c", "--concurrency", type=int, default=None,
                     help="connections (conn: 8, rps: 32, latency: 1 + idle ones)")
@@ -335,8 +342,9 @@ def main() -> None:
         trio.run(_loadgen, args.mode)
         return
     if args.concurrency is None:
-        args.concurrency = {"conn": 8, "rps": 32}.get(args.mode, 1)
-    n = args.n or {"conn": 2000, "latency": 3000, "rps": 12800, "idle": 95, "bulk": 256}[args.mode]
+        args.concurrency = {"conn": 8, "rps": 32, "paced": 16}.get(args.mode, 1)
+    n = args.n or {"conn": 2000, "latency": 3000, "rps": 12800, "paced": 3008, "idle": 95,
+                   "bulk": 256}[args.mode]
     all_results = []
     for _ in range(args.repeat):
         if args.profile:

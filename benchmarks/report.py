@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cases import FIXED_RATE
 from benchmarks.tools import parse_cpu_model
 
 # RESULTS.md keeps whatever a person wrote below this line (notes, before/after history)
@@ -132,6 +133,11 @@ def l4_goals(case: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out.append(("≤ 0.25 vCPU per 1,000 req/s per node proxy (mean of the two)",
                 *check(per_proxy, per_proxy is not None and per_proxy <= 0.25,
                        f"{fmt_value(per_proxy)} vCPU")))
+    v = _value(case, "fr_vcpu")
+    at_rate = v / 2 * 1000 / FIXED_RATE if v is not None else None
+    out.append((f"the same, measured at a fixed {FIXED_RATE:,} req/s (h2load)",
+                *check(at_rate, at_rate is not None and at_rate <= 0.25,
+                       f"{fmt_value(at_rate)} vCPU")))
     idle = [x for x in (_value(case, "rss_idle_src"), _value(case, "rss_idle_dst"))
             if x is not None]
     worst = max(idle) if idle else None

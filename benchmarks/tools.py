@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import statistics
 from collections.abc import Iterable, Sequence
@@ -154,6 +155,7 @@ class H2loadResult:
     errored: int
     timeout: int
     status_2xx: int
+    seconds: float = 0.0  # the run's duration ("finished in …")
 
     @property
     def errors(self) -> int:
@@ -167,7 +169,21 @@ def h2load_cmd(url: str, seconds: float, connections: int, streams: int) -> list
             "-D", str(max(1, round(seconds))), url]
 
 
-_H2_FINISHED = re.compile(r"^finished in [0-9.]+\w+, ([0-9.]+) req/s", re.M)
+def h2load_rate_cmd(url: str, seconds: float, connections: int, rate: int, log_file: str
+                    ) -> list[str]:
+    """HTTP/1.1 at a fixed total ``rate`` for about ``seconds``: each of ``connections``
+    clients sends ``rate / connections`` requests a second, one at a time, and every request is
+    logged to ``log_file`` (h2load appends: give it a new file). The clients start 1/rate
+    apart (``--rate 1``), so their requests are spread over each interval, not sent in
+    bursts of ``connections`` at once as clients started together would."""
+    per_client = max(1, round(rate * seconds / connections))
+    period_ms = max(1, round(1000 / rate))  # h2load takes whole units here
+    return ["h2load", "--h1", "-t", "1", "-c", str(connections), "-m", "1",
+            "-n", str(per_client * connections), "--rps", f"{rate / connections:g}",
+            "--rate", "1", "--rate-period", f"{period_ms}ms", "--log-file", log_file, url]
+
+
+_H2_FINISHED = re.compile(r"^finished in ([0-9.]+\w+), ([0-9.]+) req/s", re.M)
 _H2_REQUESTS = re.compile(
     r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
     r"(\d+) errored, (\d+) timeout", re.M)
@@ -182,13 +198,49 @@ def parse_h2load(text: str) -> H2loadResult:
     status = _H2_STATUS.search(text)
     succeeded = int(req.group(4))
     return H2loadResult(
-        requests_per_second=float(fin.group(1)),
+        requests_per_second=float(fin.group(2)),
         succeeded=succeeded,
         failed=int(req.group(5)),
         errored=int(req.group(6)),
         timeout=int(req.group(7)),
         status_2xx=int(status.group(1)) if status else succeeded,
+        seconds=parse_duration_ms(fin.group(1)) / 1e3,
     )
+
+
+@dataclass(frozen=True)
+class RequestLog:
+    """h2load's ``--log-file``: the time of each 2xx request, and how many were not 2xx."""
+
+    latencies_ms: list[float]  # sorted
+    not_2xx: int
+
+    def percentile(self, p: float) -> float | None:
+        """Nearest-rank percentile (p in 0..100) of the 2xx requests; None without any."""
+        v = self.latencies_ms
+        if not v:
+            return None
+        return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))]
+
+
+def parse_h2load_log(text: str) -> RequestLog:
+    """Rows of ``start µs<TAB>status<TAB>µs to the end of the response``."""
+    times: list[float] = []
+    bad = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        try:
+            status, micros = int(cols[1]), int(cols[2])
+        except (IndexError, ValueError):
+            raise ToolOutputError(f"h2load log line {n} unreadable: {line[:80]!r}") from None
+        if 200 <= status < 300 and micros >= 0:
+            times.append(micros / 1e3)
+        else:
+            bad += 1
+    times.sort()
+    return RequestLog(times, bad)
 
 
 # -- Prometheus text ----------------------------------------------------------------------------

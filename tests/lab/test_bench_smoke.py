@@ -31,7 +31,7 @@ def _down(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-PROXY_METRICS = ("rss_", "kb_per_conn", "rps_cpu", "cps_cpu", "h2_cpu")
+PROXY_METRICS = ("rss_", "kb_per_conn", "rps_cpu", "cps_cpu", "h2_cpu", "fr_vcpu")
 
 
 def _no_such_proxy(key: str, path: str) -> bool:

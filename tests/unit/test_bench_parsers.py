@@ -13,11 +13,13 @@ from benchmarks import cases, lab, report
 from benchmarks.tools import (
     ToolOutputError,
     h2load_cmd,
+    h2load_rate_cmd,
     iperf3_cmd,
     median,
     parse_cpu_model,
     parse_duration_ms,
     parse_h2load,
+    parse_h2load_log,
     parse_iperf3,
     parse_proc_stat_cpu_ticks,
     parse_status_kb,
@@ -240,11 +242,13 @@ def test_goals_are_judged_from_the_run_and_unmeasured_ones_say_so():
         metric("tput_1", 3.0, mesh_stunnel=1.2),
         metric("lat_added_p50", 0.5, mesh_stunnel=3.0),
         metric("rps_cpu", 0.3),
+        metric("fr_vcpu", 0.6),  # both node proxies at 1,000 req/s: 0.3 each
         metric("rss_idle_src", 30.0), metric("rss_idle_dst", 41.0),
         metric("kb_per_conn_1000", 16.0),
     ]}
     got = {goal: (text, ok) for goal, text, ok in report.l4_goals(case)}
-    assert [ok for _, ok in got.values()] == [True, False, None, True, False, True]
+    assert [ok for _, ok in got.values()] == [True, False, None, True, False, False, True]
+    assert got["the same, measured at a fixed 1,000 req/s (h2load)"] == ("0.3 vCPU", False)
     assert got["≥ 3,000 new tunneled connections/s"] == ("not measured", None)
     assert any("at 1000" in goal for goal in got)
 
@@ -292,6 +296,36 @@ def test_h2load_totals():
     assert refused.status_2xx == 0 and refused.errors == 20
     with pytest.raises(ToolOutputError):
         parse_h2load("h2load: invalid option -- 'x'\n")
+
+
+# recorded from h2load (nghttp2 1.52.0) --log-file: start µs, status, µs to the response's end
+H2LOAD_LOG = """\
+1796503031087995\t200\t1713
+1796503031087982\t200\t8923
+1796503031087992\t503\t410
+1796503031088992\t200\t240
+1796503031089992\t-1\t-1
+
+"""
+
+
+def test_h2load_log_percentiles_count_only_2xx():
+    got = parse_h2load_log(H2LOAD_LOG)
+    assert got.latencies_ms == [0.24, 1.713, 8.923] and got.not_2xx == 2
+    assert got.percentile(50) == 1.713 and got.percentile(99) == 8.923
+    assert got.percentile(1) == 0.24
+    assert parse_h2load_log("").percentile(50) is None
+    with pytest.raises(ToolOutputError, match="line 2"):
+        parse_h2load_log("1\t200\t5\nnot a row\n")
+
+
+def test_h2load_fixed_rate_command_and_duration():
+    assert h2load_rate_cmd("http://10.244.2.2:8080/1k", 3, 16, 1000, "/tmp/x.log") == [
+        "h2load", "--h1", "-t", "1", "-c", "16", "-m", "1", "-n", "3008", "--rps", "62.5",
+        "--rate", "1", "--rate-period", "1ms", "--log-file", "/tmp/x.log",
+        "http://10.244.2.2:8080/1k"]
+    assert parse_h2load(H2LOAD).seconds == 2.0
+    assert parse_h2load(H2LOAD_REFUSED).seconds == pytest.approx(0.000272)
 
 
 def test_h2load_command_line():
