@@ -2,7 +2,8 @@
 
 - HBONE over an established TLS stream reads/writes through the SSLObject and the socket
   (``_DirectTls``): both ends use it after the handshake, TLS 1.3 session tickets still reach
-  the client, bulk and many concurrent streams arrive intact, a peer's close ends the connection
+  the client, bulk and many concurrent streams arrive intact, a peer's close ends the
+  connection; after a short read it waits for the socket instead of trying it again
 - the relay's direct socket calls: half-close, bytes and resets between HBONE and TCP
 - ``_flush`` wakes only the waiters whose bytes were written; streams opened and answered
   without waiting for the writer still see a lost connection as an error
@@ -24,7 +25,12 @@ import trio
 import trio.testing
 from test_hbone_connection import make_pki
 
-from ztunnel.hbone.connection import UNWAITED_WRITE_MAX, HboneConnection, LargeReadStream
+from ztunnel.hbone.connection import (
+    UNWAITED_WRITE_MAX,
+    HboneConnection,
+    LargeReadStream,
+    _DirectTls,
+)
 from ztunnel.hbone.protocol import HboneError
 from ztunnel.hbone.server import HboneRequest, serve_hbone_connection
 from ztunnel.relay import RelayError, relay
@@ -135,6 +141,74 @@ async def test_direct_tls_garbage_from_peer_ends_connection(tmp_path: Path) -> N
                 await trio.sleep(0.01)
         assert "read failed" in (client.dead_reason or "")
         nursery.cancel_scope.cancel()
+
+
+class CountingSocket:
+    """A socket that counts the reads that found nothing (EAGAIN)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+        self.empty_reads = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, n: int) -> bytes:
+        self.reads += 1
+        try:
+            return self.sock.recv(n)
+        except BlockingIOError:
+            self.empty_reads += 1
+            raise
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(data)
+
+
+async def test_direct_tls_after_a_short_read_waits_instead_of_reading_again(
+        tmp_path: Path) -> None:
+    client_ctx, server_ctx = make_pki(tmp_path)
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    tcp_client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+    tcp_server = await listener.accept()
+    await listener.aclose()
+    server_tls = trio.SSLStream(tcp_server, server_ctx, server_side=True)
+    client_tls = trio.SSLStream(tcp_client, client_ctx, server_hostname=None)
+    async with trio.open_nursery() as hs:
+        hs.start_soon(server_tls.do_handshake)
+        hs.start_soon(client_tls.do_handshake)
+    client, server = _DirectTls.create(client_tls), _DirectTls.create(server_tls)
+    assert client is not None and server is not None
+    counting = CountingSocket(server._sock)
+    server._sock = counting  # type: ignore[assignment]
+
+    async def receive(n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            got += await server.receive()
+        return got
+
+    # request/response: each message comes while the reader waits
+    for i in range(5):
+        msg = bytes([65 + i]) * 1000
+        async with trio.open_nursery() as n:
+
+            async def later(msg: bytes = msg) -> None:
+                await trio.sleep(0.02)
+                await client.send(msg)
+
+            n.start_soon(later)
+            assert await receive(len(msg)) == msg
+    # only the first read tried an empty socket; every later one waited for the next message
+    assert counting.empty_reads == 1, (counting.reads, counting.empty_reads)
+    # bulk still arrives whole, read ahead while reads come back full
+    bulk = os.urandom(3_000_000)
+    async with trio.open_nursery() as n:
+        n.start_soon(client.send, bulk)
+        assert await receive(len(bulk)) == bulk
+    for s in (tcp_client, tcp_server):
+        await s.aclose()
 
 
 def tcp_pair() -> tuple[trio.SocketStream, socket.socket]:

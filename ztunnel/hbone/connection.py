@@ -173,7 +173,7 @@ class _DirectTls:
     used as is.
     """
 
-    __slots__ = ("_obj", "_in", "_out", "_sock", "_delayed")
+    __slots__ = ("_obj", "_in", "_out", "_sock", "_delayed", "_drained")
 
     def __init__(self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  sock: socket.socket) -> None:
@@ -182,6 +182,10 @@ class _DirectTls:
         self._out = outgoing
         self._sock = sock
         self._delayed = b""
+        # The last recv was short: the socket had nothing more then, so the next read waits
+        # at once instead of trying (a recv failing with EAGAIN, and its exception, per
+        # message of a request/response exchange). A full read keeps reading ahead (bulk).
+        self._drained = False
 
     @classmethod
     def create(cls, transport: trio.abc.Stream) -> _DirectTls | None:
@@ -225,7 +229,9 @@ class _DirectTls:
             parts: list[bytes] = []
             total = 0
             eof = False
-            while total < RECEIVE_CHUNK:
+            # Nothing in the BIO and nothing decrypted held back: TLS has nothing to give
+            # (its SSLWantReadError costs more than this test).
+            while total < RECEIVE_CHUNK and (incoming.pending or obj.pending()):
                 try:
                     chunk = obj.read(RECEIVE_CHUNK - total)
                 except ssl.SSLWantReadError:
@@ -245,6 +251,10 @@ class _DirectTls:
             if eof:
                 await trio.lowlevel.checkpoint()
                 return b""
+            if self._drained:
+                self._drained = False
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
             try:
                 data = sock.recv(TRANSPORT_READ)
             except (BlockingIOError, InterruptedError):
@@ -255,6 +265,7 @@ class _DirectTls:
                 if not waited:
                     await trio.lowlevel.checkpoint()
                 return b""
+            self._drained = len(data) < TRANSPORT_READ
             incoming.write(data)
 
     def _wire(self, data: bytes | None) -> bytes:
