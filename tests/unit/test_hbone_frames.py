@@ -950,3 +950,72 @@ def test_requests_with_1xx_and_trailers_both_ways_against_h2() -> None:
     assert final.status == 200 and not final.trailers
     assert trailers.trailers and trailers.headers == [(b"grpc-status", b"0")]
     assert not ours.stream_open(sid)  # closed both ways
+
+
+# -- input as a list of chunks, output as pieces ---------------------------------------------
+
+
+def _a_client_stream() -> tuple[bytes, int]:
+    """An h2 client's preface, a CONNECT and DATA frames of assorted sizes (up to our 1 MiB
+    frame limit), as one byte string; and how many DATA bytes it carries."""
+    theirs = h2_peer(client_side=True)
+    theirs.receive_data(fresh_server_raw().data_to_send())  # our SETTINGS, window
+    sid = h2_connect(theirs)
+    sent = 0
+    rng = random.Random(7)
+    for size in (1, 500, 16_384, 16_385, 40_000, 65_000, 300_000):
+        theirs.send_data(sid, rng.randbytes(size))
+        sent += size
+    return theirs.data_to_send(), sent
+
+
+def _events_as_text(events: list) -> list[str]:
+    return [f"{type(e).__name__}:{getattr(e, 'stream_id', '')}:"
+            f"{getattr(e, 'data', b'').hex() if hasattr(e, 'data') else ''}" for e in events]
+
+
+def test_a_list_of_chunks_is_read_as_their_join_wherever_they_are_cut() -> None:
+    wire, carried = _a_client_stream()
+    whole = fresh_server_raw()
+    expected = _events_as_text(whole.receive(wire))
+    assert sum(len(d.split(":")[2]) // 2 for d in expected if d.startswith("DataReceived")) == (
+        carried)
+    rng = random.Random(11)
+    for _ in range(40):
+        cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 30)))
+        chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+        server = fresh_server_raw()
+        got: list = []
+        # the chunks in lists of assorted lengths, as TLS records come in per read
+        i = 0
+        while i < len(chunks):
+            k = rng.randint(1, 5)
+            got += server.receive(chunks[i : i + k])
+            i += k
+        assert _events_as_text(got) == expected
+
+
+def fresh_server_raw() -> p.HboneH2:
+    """Our server before any input (its preface and SETTINGS queued)."""
+    server = p.HboneH2(client_side=False)
+    server.initiate()
+    return server
+
+
+def test_take_output_hands_a_large_body_on_as_the_object_queued() -> None:
+    client, server = p.HboneH2(client_side=True), fresh_server_raw()
+    client.initiate()
+    for _ in range(3):  # settings both ways, and their ACKs
+        server.receive(client.data_to_send())
+        client.receive(server.data_to_send())
+    sid = client.open_request("10.0.0.2:80")
+    (req,) = of(server.receive(client.data_to_send()), p.ConnectRequested)
+    server.respond(sid, 200)
+    client.receive(server.data_to_send())
+    body = bytes(range(256)) * 1000  # 256,000 B: one frame (the peer allows 1 MiB)
+    assert client.send_data(sid, body) == len(body)
+    parts = client.take_output()
+    assert any(piece is body for piece in parts)  # not copied into a joined buffer
+    assert client.take_output() == [] and not client.has_output()
+    got = server.receive(parts)
+    assert b"".join(e.data for e in of(got, p.DataReceived)) == body

@@ -186,7 +186,7 @@ async def test_direct_tls_after_a_short_read_waits_instead_of_reading_again(
     async def receive(n: int) -> bytes:
         got = b""
         while len(got) < n:
-            got += await server.receive()
+            got += b"".join(await server.receive())
         return got
 
     # request/response: each message comes while the reader waits
@@ -196,7 +196,7 @@ async def test_direct_tls_after_a_short_read_waits_instead_of_reading_again(
 
             async def later(msg: bytes = msg) -> None:
                 await trio.sleep(0.02)
-                await client.send(msg)
+                await client.send([msg])
 
             n.start_soon(later)
             assert await receive(len(msg)) == msg
@@ -205,7 +205,7 @@ async def test_direct_tls_after_a_short_read_waits_instead_of_reading_again(
     # bulk still arrives whole, read ahead while reads come back full
     bulk = os.urandom(3_000_000)
     async with trio.open_nursery() as n:
-        n.start_soon(client.send, bulk)
+        n.start_soon(client.send, [bulk])
         assert await receive(len(bulk)) == bulk
     for s in (tcp_client, tcp_server):
         await s.aclose()

@@ -40,6 +40,8 @@ UNWAITED_WRITE_MAX = 64 * 1024
 
 
 TRANSPORT_READ = 256 * 1024
+# A TLS record's most plaintext: pieces of frames smaller than this are gathered into records
+_TLS_RECORD = 16384
 
 
 class LargeReadStream(trio.abc.HalfCloseableStream):
@@ -181,7 +183,7 @@ class _DirectTls:
         self._in = incoming
         self._out = outgoing
         self._sock = sock
-        self._delayed = b""
+        self._delayed: bytes | memoryview = b""
         # The last recv was short: the socket had nothing more then, so the next read waits
         # at once instead of trying (a recv failing with EAGAIN, and its exception, per
         # message of a request/response exchange). A full read keeps reading ahead (bulk).
@@ -221,8 +223,10 @@ class _DirectTls:
         """TLS wrote bytes of its own (a key update answer, session tickets) to be sent."""
         return bool(self._out.pending)
 
-    async def receive(self) -> bytes:
-        """Plaintext, up to RECEIVE_CHUNK; b"" at the end. Errors: OSError, ssl.SSLError."""
+    async def receive(self) -> list[bytes]:
+        """Plaintext, up to RECEIVE_CHUNK, as the TLS records it came in (not joined: the
+        HTTP/2 parser takes them as they are and copies a frame once); [] at the end.
+        Errors: OSError, ssl.SSLError."""
         obj, incoming, sock = self._obj, self._in, self._sock
         waited = False
         while True:
@@ -247,10 +251,10 @@ class _DirectTls:
             if parts:
                 if not waited:
                     await trio.lowlevel.checkpoint()  # one schedule point per read
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+                return parts
             if eof:
                 await trio.lowlevel.checkpoint()
-                return b""
+                return parts
             if self._drained:
                 self._drained = False
                 await trio.lowlevel.wait_readable(sock)
@@ -264,24 +268,47 @@ class _DirectTls:
             if not data:  # TCP FIN without close_notify: the peer is gone all the same
                 if not waited:
                     await trio.lowlevel.checkpoint()
-                return b""
+                return parts
             self._drained = len(data) < TRANSPORT_READ
             incoming.write(data)
 
-    def _wire(self, data: bytes | None) -> bytes:
-        """Encrypt ``data``; what is to go on the wire now (held-back bytes first)."""
-        if data:
-            self._obj.write(data)
-        wire = self._out.read()
-        if self._delayed:
-            wire, self._delayed = self._delayed + wire, b""
-        return wire
+    def _encrypt(self, parts: list[bytes]) -> bytes:
+        """Encrypt the frames' pieces; the TLS records for them.
 
-    def send_nowait(self, data: bytes) -> bool:
-        """Encrypt ``data`` and send what the socket takes now; the rest is kept for the next
-        :meth:`send` (it goes first). Says whether everything went. Errors: OSError,
-        ssl.SSLError."""
-        wire = self._wire(data)
+        Not joined first (a copy of every large DATA body): small pieces (frame headers, small
+        frames) are gathered, and a large body's first record takes the pieces before it, so
+        the records are those of the joined bytes, but for a short last one per large body."""
+        write = self._obj.write
+        small: list[bytes | memoryview] = []
+        small_len = 0
+        for part in parts:
+            n = len(part)
+            if n < _TLS_RECORD:
+                small.append(part)
+                small_len += n
+                continue
+            if small:
+                k = _TLS_RECORD - small_len if small_len < _TLS_RECORD else 0
+                view = memoryview(part)
+                small.append(view[:k])
+                write(b"".join(small))
+                small = []
+                small_len = 0
+                if k < n:
+                    write(view[k:])
+            else:
+                write(part)
+        if small:
+            write(small[0] if len(small) == 1 else b"".join(small))
+        return self._out.read()
+
+    def send_nowait(self, parts: list[bytes]) -> bool:
+        """Encrypt the frames' pieces and send what the socket takes now; the rest is kept
+        for the next :meth:`send` (it goes first). Says whether everything went. Errors:
+        OSError, ssl.SSLError."""
+        wire: bytes | memoryview = self._encrypt(parts)
+        if self._delayed:  # (the writer sends what is held back before anything inline)
+            wire, self._delayed = b"".join((self._delayed, wire)), b""
         if not wire:
             return True
         try:
@@ -289,14 +316,18 @@ class _DirectTls:
         except (BlockingIOError, InterruptedError):
             sent = 0
         if sent < len(wire):
-            self._delayed = wire[sent:]
+            self._delayed = memoryview(wire)[sent:]  # a view: no copy of the rest
             return False
         return True
 
-    async def send(self, data: bytes | None) -> None:
-        """Encrypt and send ``data`` (and whatever TLS queued itself). Errors: OSError,
-        ssl.SSLError. No schedule point unless the socket is full: the caller has one."""
-        wire = self._wire(data)
+    async def send(self, parts: list[bytes]) -> None:
+        """Encrypt and send the frames' pieces (and whatever TLS queued itself), after what
+        was held back. Errors: OSError, ssl.SSLError. No schedule point unless the socket is
+        full: the caller has one."""
+        wire = self._encrypt(parts)
+        if self._delayed:
+            delayed, self._delayed = self._delayed, b""
+            await send_all_nonblocking(self._sock, delayed)
         if wire:
             await send_all_nonblocking(self._sock, wire)
 
@@ -800,7 +831,7 @@ class HboneConnection:
                 and self._written_seq == self._pending_seq and self.dead_reason is None):
             self._unwaited = 0
             try:
-                if direct.send_nowait(self._proto.data_to_send()):
+                if direct.send_nowait(self._proto.take_output()):
                     return
             except (OSError, ssl.SSLError) as e:
                 self._die(f"write failed: {e!r}")
@@ -831,18 +862,18 @@ class HboneConnection:
             seq = self._pending_seq
             batch_lot, self._written_lot = self._written_lot, self._spare_lot
             try:
-                data = self._proto.data_to_send()
+                parts = self._proto.take_output()
                 self._unwaited = 0
                 direct = self._direct
                 if direct is not None:
                     try:
-                        await direct.send(data)
+                        await direct.send(parts)
                     except (OSError, ssl.SSLError) as e:
                         self._die(f"write failed: {e!r}")
                         return
-                elif data:
+                elif parts:
                     try:
-                        await self.transport.send_all(data)
+                        await self.transport.send_all(b"".join(parts))
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                         self._die(f"write failed: {e!r}")
                         return

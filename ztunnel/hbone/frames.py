@@ -447,6 +447,12 @@ class H2Engine:
         self._out = [data[amount:]]
         return data[:amount]
 
+    def take_output(self) -> list[bytes]:
+        """Everything queued, as the frames' pieces (headers and bodies, not joined: a
+        large DATA body goes on as the very object it was queued as)."""
+        out, self._out = self._out, []
+        return out
+
     def has_output(self) -> bool:
         return bool(self._out)
 
@@ -724,23 +730,27 @@ class H2Engine:
         return sid > self.highest_inbound_stream_id
 
     # -- input --------------------------------------------------------------------------------
-    def receive_data(self, data: bytes) -> list:
-        """Feed bytes from the peer; return events. Raise :class:`H2ConnectionError` (with a
-        GOAWAY queued) if the peer broke HTTP/2."""
+    def receive_data(self, data: bytes | list[bytes]) -> list:
+        """Feed bytes from the peer (one chunk, or several in order: e.g. the TLS records of
+        one read, which then need not be joined); return events. Raise
+        :class:`H2ConnectionError` (with a GOAWAY queued) if the peer broke HTTP/2."""
         if self.closed or not data:
             return []
         events: list = []
         try:
-            if self._need_preface:
-                data = self._check_preface(data)
-                if not data:
-                    return events
-            view = memoryview(data)
-            if self._parts:
-                view = self._complete(view, events)
-                if view is None:
-                    return events
-            self._parse(view, events)
+            for chunk in data if type(data) is list else (data,):
+                if self._need_preface:
+                    chunk = self._check_preface(chunk)
+                if not chunk:
+                    continue
+                view = memoryview(chunk)
+                if self._parts:
+                    view = self._complete(view, events)
+                    if view is None:
+                        continue
+                self._parse(view, events)
+                if self.closed:  # the peer's GOAWAY with an error: nothing after it counts
+                    break
         except H2ConnectionError as e:
             self._parts = []
             self.send_goaway(e.error_code)

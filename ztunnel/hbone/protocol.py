@@ -335,6 +335,10 @@ class HboneH2:
     def data_to_send(self) -> bytes:
         return self.h2.data_to_send()
 
+    def take_output(self) -> list[bytes]:
+        """What :meth:`data_to_send` would return, as pieces (not joined)."""
+        return self.h2.take_output()
+
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` would return bytes (saves waking the writer)."""
         return bool(self.h2._out)
@@ -390,8 +394,9 @@ class HboneH2:
         self.h2.acknowledge_received_data(stream_id, n)
 
     # -- input ----------------------------------------------------------------------------------
-    def receive(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer; raise :class:`HboneProtocolError` if HTTP/2 is broken."""
+    def receive(self, data: bytes | list[bytes]) -> list[Event]:
+        """Feed bytes from the peer (one chunk or a list of them, in order); raise
+        :class:`HboneProtocolError` if HTTP/2 is broken."""
         try:
             events = self.h2.receive_data(data)
         except H2ConnectionError as e:
