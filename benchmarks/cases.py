@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -300,23 +298,19 @@ def fig_h2_rps(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
 def fig_fixed_rate(lab: BenchLab, path: Path, mode: Mode, s: Samples) -> None:
     """Latency and proxy CPU at a fixed request rate, well below every path's maximum (h2load
     ``--rps``): what a service under ordinary load sees, where the other figures saturate."""
-    fd, log_file = tempfile.mkstemp(prefix="nodeproxy-bench-h2load-", suffix=".log")
-    os.close(fd)
+    log_file = lab.workdir / "h2load-requests.log"  # the run's work directory, as stunnel's
+    log_file.unlink(missing_ok=True)  # h2load appends
     try:
-        os.unlink(log_file)  # h2load appends: it makes the file itself
-        cmd = h2load_rate_cmd(path.url, mode.seconds, FIXED_RATE_CONNS, FIXED_RATE, log_file)
+        cmd = h2load_rate_cmd(path.url, mode.seconds, FIXED_RATE_CONNS, FIXED_RATE,
+                              str(log_file))
         out, cpu = _timed(lab, path, cmd, mode.seconds + 30)
         try:
             res = parse_h2load(out)
-            with open(log_file, encoding="ascii", errors="replace") as f:
-                reqs = parse_h2load_log(f.read())
+            reqs = parse_h2load_log(log_file.read_text(encoding="ascii", errors="replace"))
         except (ToolOutputError, FileNotFoundError) as e:
             raise FigureError(f"{path.name}: {e}") from e
     finally:
-        try:
-            os.unlink(log_file)
-        except FileNotFoundError:
-            pass
+        log_file.unlink(missing_ok=True)
     if not reqs.latencies_ms:
         raise FigureError(f"{path.name}: h2load completed no request: {out.strip()[-300:]}")
     if reqs.not_2xx or res.errors:
